@@ -1,0 +1,55 @@
+import json
+
+import pytest
+
+from toolkit.config import ConfigError, PipelineConfig, load_config, parse_overrides, record_run
+from toolkit.cli import main
+
+
+def test_defaults_match_the_study():
+    cfg = PipelineConfig()
+    assert (cfg.data.grid.start, cfg.data.grid.stop, cfg.data.grid.num) == (0.0, 15.0, 1501)
+    assert cfg.data.log_floor == 2.0 and cfg.data.onset_threshold == 4.0
+    assert (cfg.graph.cutoff, cfg.graph.max_neighbors) == (8.0, 12)
+    assert (cfg.model.alignn_layers, cfg.model.gcn_layers, cfg.model.hidden_features) == (4, 4, 256)
+
+
+def test_yaml_and_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  epochs: 7\ndata:\n  source: jsonl\n  path: /x.jsonl\n")
+    cfg = load_config(p, ["train.epochs=3", "data.grid.num=11", "analyze.n_clusters=5"])
+    assert cfg.train.epochs == 3 and cfg.data.grid.num == 11 and cfg.analyze.n_clusters == 5
+    assert cfg.data.source == "jsonl" and str(cfg.data.path) == "/x.jsonl"
+
+
+def test_overrides_parse_yaml_scalars():
+    assert parse_overrides(["a.b=1.5", "a.c=true", "d=[1, 2]"]) == {"a": {"b": 1.5, "c": True}, "d": [1, 2]}
+
+
+@pytest.mark.parametrize("bad, needle", [
+    (["train.epochz=3"], "train.epochz"),
+    (["model.backend=tensorflow"], "model.backend"),
+    (["train.split=[0.5, 0.5, 0.5]"], "train.split"),
+    (["data.grid.stop=-1"], "grid.stop"),
+])
+def test_invalid_config_names_the_field(bad, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, bad)
+    assert needle in str(e.value)
+
+
+def test_missing_file_and_cli_exit_code(tmp_path, capsys):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    rc = main(["prepare", "--run-dir", str(tmp_path / "r"), "--set", "data.sourc=x"])
+    assert rc == 2
+    assert "data.sourc" in capsys.readouterr().err
+
+
+def test_record_run_writes_config_versions_and_seeds(tmp_path):
+    cfg = load_config(None, ["seed=5", "train.seed=9"])
+    record_run(cfg, tmp_path, stage="prepare")
+    assert load_config(tmp_path / "config.yaml") == cfg
+    info = json.loads((tmp_path / "run_info.json").read_text())
+    assert info["seeds"]["train"] == 9 and info["versions"]["torch"]
+    assert "prepare" in info["stages"]

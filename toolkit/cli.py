@@ -1,0 +1,139 @@
+"""`spectrolens` command line.
+
+Every stage command takes ``--config FILE`` (YAML, see jobs/), ``--run-dir DIR`` and any number of
+``--set section.key=value`` overrides; the resolved config is validated against
+:class:`toolkit.config.PipelineConfig` before any work starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from toolkit.config import ConfigError, PipelineConfig, load_config
+
+log = logging.getLogger("spectrolens")
+
+
+def _common(p: argparse.ArgumentParser, run_dir_required: bool = True) -> None:
+    p.add_argument("--config", "-c", type=Path, help="pipeline YAML (see jobs/)")
+    p.add_argument("--run-dir", "-r", type=Path, required=run_dir_required, help="run directory")
+    p.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.epochs=5 (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="spectrolens", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--log-level", default="INFO")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prepare", help="read a data source into the canonical Zarr dataset (+ graphs)")
+    _common(p)
+    p.add_argument("--strict", action="store_true", help="exit non-zero if any record was rejected")
+    p.add_argument("--part", type=int, default=None, help="build only this part (array-task use)")
+
+    p = sub.add_parser("train", help="train ALIGNN on the prepared dataset (one rank; use torchrun/srun for DDP)")
+    _common(p)
+
+    p = sub.add_parser("embed", help="extract layer activations into embeddings.zarr")
+    _common(p)
+    p.add_argument("--verify", action="store_true", help="report missing / non-finite rows; non-zero exit if any")
+    p.add_argument("--shard", type=int, default=None, help="extract only this shard (array-task use)")
+
+    p = sub.add_parser("analyze", help="cluster embeddings, attribute descriptors, write the report")
+    _common(p)
+
+    p = sub.add_parser("run", help="run the whole pipeline (prepare -> train -> embed -> analyze)")
+    p.add_argument("pipeline", type=Path, help="pipeline YAML")
+    p.add_argument("--run-dir", "-r", type=Path, default=None)
+    p.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--executor", choices=["local", "slurm"], default=None, help="default: executor.kind")
+    p.add_argument("--stages", default="prepare,train,embed,analyze", help="comma-separated subset")
+    p.add_argument("--no-wait", action="store_true", help="slurm: submit and return")
+
+    p = sub.add_parser("status", help="show each stage and array task of a run from SLURM accounting")
+    p.add_argument("run_dir", type=Path)
+
+    p = sub.add_parser("demo", help="full pipeline on the embedded benchmark, locally, in minutes")
+    p.add_argument("--run-dir", "-r", type=Path, default=Path("runs/demo"))
+    p.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    return ap
+
+
+def _load(args: argparse.Namespace) -> PipelineConfig:
+    extra = list(args.overrides)
+    if getattr(args, "strict", False):
+        extra.append("data.strict=true")
+    return load_config(args.config, extra)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return _dispatch(args)
+    except ConfigError as e:
+        print(f"spectrolens: {e}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    cmd = args.command
+    if cmd == "prepare":
+        cfg = _load(args)
+        from toolkit.data import prepare
+
+        if args.part is not None:
+            prepare.plan(cfg, args.run_dir)
+            prepare.run_part(cfg, args.run_dir, args.part)
+            return 0
+        summary = prepare.run(cfg, args.run_dir)
+        return 1 if (cfg.data.strict and summary.get("n_rejected", 0)) else 0
+    if cmd == "train":
+        cfg = _load(args)
+        from toolkit import train
+
+        train.run(cfg, args.run_dir)
+        return 0
+    if cmd == "embed":
+        cfg = _load(args)
+        from toolkit import embed
+
+        if args.verify:
+            return embed.verify(cfg, args.run_dir)
+        if args.shard is not None:
+            embed.plan(cfg, args.run_dir)
+            embed.run_shard(cfg, args.run_dir, args.shard)
+            return 0
+        embed.run(cfg, args.run_dir)
+        return 0
+    if cmd == "analyze":
+        cfg = _load(args)
+        from toolkit import analyze
+
+        analyze.run(cfg, args.run_dir)
+        return 0
+    if cmd == "run":
+        from toolkit.hpc import pipeline
+
+        cfg = load_config(args.pipeline, args.overrides)
+        return pipeline.run_pipeline(cfg, run_dir=args.run_dir, executor=args.executor,
+                                     stages=[s.strip() for s in args.stages.split(",") if s.strip()],
+                                     wait=not args.no_wait)
+    if cmd == "status":
+        from toolkit.hpc import status
+
+        return status.main(args.run_dir)
+    if cmd == "demo":
+        from toolkit.hpc import pipeline
+
+        return pipeline.demo(args.run_dir, args.overrides)
+    raise AssertionError(cmd)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,302 @@
+"""The one configuration schema of spectrolens.
+
+A pipeline config is a YAML file (examples under ``jobs/``) validated by :class:`PipelineConfig`.
+Every stage reads its own section; CLI overrides use dotted keys (``--set train.epochs=3``).
+Each run directory records the resolved config (``config.yaml``), package versions, the git
+revision and the seeds (``run_info.json``), see :func:`record_run`.
+
+Section owners: ``data`` (toolkit.data), ``graph`` (toolkit.data.graphs), ``model`` (toolkit.model),
+``train`` (toolkit.train), ``embed`` (toolkit.embed), ``analyze`` (toolkit.analyze),
+``executor``/``container`` (toolkit.hpc).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+SourceKind = Literal["benchmark", "alignn", "jsonl", "vasp", "jarvis", "refractiveindex"]
+
+
+class _Section(BaseModel):
+    """Base: unknown keys are errors (a typo must not silently fall back to a default)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class GridConfig(_Section):
+    """Target photon-energy grid in eV (the study: 0.00-15.00 eV, 1,501 points)."""
+
+    start: float = 0.0
+    stop: float = 15.0
+    num: int = Field(1501, ge=2)
+
+    @model_validator(mode="after")
+    def _check(self) -> "GridConfig":
+        if not self.stop > self.start:
+            raise ValueError(f"grid.stop ({self.stop}) must be greater than grid.start ({self.start})")
+        return self
+
+
+class BenchmarkConfig(_Section):
+    """The embedded ground-truth benchmark (see docs/benchmark.md)."""
+
+    n_materials: int = Field(600, ge=10)
+    seed: int = 0
+    noise: float = Field(0.05, ge=0.0, description="std of additive noise on log10(alpha)")
+
+
+class DataConfig(_Section):
+    """`spectrolens prepare`: read a source into the canonical on-disk dataset."""
+
+    source: SourceKind = "benchmark"
+    path: Path | None = Field(None, description="file or folder of the source (not used by 'benchmark')")
+    id_prop: str = Field("id_prop.csv", description="ALIGNN folders: name of the target table")
+    grid: GridConfig = GridConfig()
+    transform: Literal["log10_alpha", "alpha"] = "log10_alpha"
+    log_floor: float = Field(2.0, description="floor of log10(alpha / cm^-1), as in the study")
+    onset_threshold: float = Field(4.0, description="onset = first crossing of this log10(alpha) value")
+    min_distance: float = Field(0.5, gt=0, description="reject structures with atoms closer than this (Å)")
+    strict: bool = Field(False, description="any rejected record makes prepare exit non-zero")
+    cache_dir: Path | None = Field(None, description="download cache (JARVIS figshare, ...); default ~/.cache/spectrolens")
+    benchmark: BenchmarkConfig = BenchmarkConfig()
+    shard_size: int = Field(256, ge=1, description="materials per store part (one part = one writer's unit)")
+    workers: int = Field(2, ge=1, description="local worker processes")
+
+
+class GraphConfig(_Section):
+    """Periodic k-nearest-neighbour atom graph + line graph, ALIGNN semantics."""
+
+    cutoff: float = Field(8.0, gt=0)
+    max_neighbors: int = Field(12, ge=1)
+
+
+class ModelConfig(_Section):
+    """ALIGNN (upstream ``alignn_atomwise`` names and shapes)."""
+
+    backend: Literal["torch", "dgl"] = "torch"
+    alignn_layers: int = Field(4, ge=0)
+    gcn_layers: int = Field(4, ge=0)
+    atom_input_features: int = 92
+    edge_input_features: int = 80
+    triplet_input_features: int = 40
+    embedding_features: int = 64
+    hidden_features: int = 256
+    output_features: int | None = Field(None, description="default: the dataset grid length")
+    cutoff: float = Field(8.0, description="upper end of the bond-length RBF (Å)")
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(100, ge=1)
+    batch_size: int = Field(16, ge=1, description="per process")
+    learning_rate: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-5, ge=0)
+    loss: Literal["l1", "mse"] = "l1"
+    grad_clip: float | None = Field(1.0, description="max gradient norm; null disables")
+    split: tuple[float, float, float] = Field((0.8, 0.1, 0.1), description="train/val/test fractions")
+    split_file: Path | None = Field(None, description="explicit split JSON {train: [ids], val: [...], test: [...]}")
+    seed: int = 123
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on GPU, fp32 on CPU")
+    num_workers: int = Field(0, ge=0, description="data-loader worker processes per rank")
+    checkpoint_every: int = Field(1, ge=1, description="epochs between checkpoints")
+    max_checkpoint_minutes: float | None = Field(None, description="also checkpoint mid-epoch this often")
+
+    @field_validator("split")
+    @classmethod
+    def _split_sums_to_one(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
+        if any(x < 0 for x in v) or abs(sum(v) - 1.0) > 1e-6:
+            raise ValueError(f"train.split must be three non-negative fractions summing to 1, got {list(v)}")
+        return v
+
+
+class EmbedConfig(_Section):
+    layers: list[str] | None = Field(None, description="layer names (alignn_1.., gcn_1.., readout); default all")
+    pooling: list[Literal["mean", "max", "sum"]] = ["mean"]
+    per_atom: bool = False
+    dtype: Literal["float32", "float16"] = "float32"
+    batch_size: int = Field(64, ge=1)
+    shard_size: int = Field(1024, ge=1, description="materials per Zarr shard = one worker's unit of work")
+    workers: int = Field(1, ge=1, description="local worker processes")
+    checkpoint: Path | None = Field(None, description="default: <run_dir>/train/best.pt")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class AnalyzeConfig(_Section):
+    layers: list[str] | None = Field(None, description="default: every captured layer + spectra baselines")
+    pooling: Literal["mean", "max", "sum"] = "mean"
+    n_clusters: int | Literal["auto"] = "auto"
+    max_clusters: int = Field(20, ge=2)
+    standardize: bool = True
+    pca_components: int | None = Field(None, ge=1)
+    scalable_threshold: int = Field(50_000, ge=100, description="above this many materials use micro-cluster Ward")
+    micro_clusters: int = Field(2000, ge=10)
+    permutation_repeats: int = Field(5, ge=1)
+    workers: int = Field(2, ge=1)
+    seed: int = 0
+
+
+class StageResources(_Section):
+    """SLURM resources of one stage (ignored by the local executor except `tasks`/`array_tasks`)."""
+
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    time_min: int = Field(60, ge=1)
+    nodes: int = Field(1, ge=1)
+    tasks_per_node: int = Field(1, ge=1)
+    gpus_per_node: int = Field(0, ge=0)
+    cpus_per_task: int = Field(2, ge=1)
+    mem_gb: float | None = None
+    array_tasks: int = Field(1, ge=1, description="prepare/embed: number of array tasks")
+    array_parallelism: int = Field(64, ge=1)
+    additional: dict[str, Any] = Field(default_factory=dict, description="extra sbatch parameters")
+
+
+class ExecutorConfig(_Section):
+    kind: Literal["local", "slurm"] = "local"
+    prepare: StageResources = StageResources()
+    train: StageResources = StageResources()
+    embed: StageResources = StageResources()
+    analyze: StageResources = StageResources()
+
+
+class ContainerConfig(_Section):
+    image: Path | None = Field(None, description="Apptainer .sif; each stage runs in `apptainer exec --nv`")
+    binds: list[str] = Field(default_factory=list)
+    runtime: str = "apptainer"
+
+
+class PipelineConfig(_Section):
+    name: str = "spectrolens"
+    run_dir: Path | None = None
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    graph: GraphConfig = GraphConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    embed: EmbedConfig = EmbedConfig()
+    analyze: AnalyzeConfig = AnalyzeConfig()
+    executor: ExecutorConfig = ExecutorConfig()
+    container: ContainerConfig = ContainerConfig()
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message says what to change."""
+
+
+def _set_dotted(d: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    cur = d
+    for k in keys[:-1]:
+        nxt = cur.setdefault(k, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override {dotted!r}: {k!r} is not a section")
+        cur = nxt
+    cur[keys[-1]] = value
+
+
+def parse_overrides(items: list[str] | None) -> dict:
+    """``["train.epochs=3", "data.source=jsonl"]`` -> nested dict; values parsed as YAML scalars."""
+    out: dict = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        key, raw = item.split("=", 1)
+        _set_dotted(out, key.strip(), yaml.safe_load(raw) if raw != "" else None)
+    return out
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> PipelineConfig:
+    """Load and validate a pipeline config; raises :class:`ConfigError` naming the file and field."""
+    raw: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {p} must hold a mapping at top level")
+    ov = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
+    raw = _deep_merge(raw, ov)
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as e:
+        where = f" in {path}" if path else ""
+        lines = [f"invalid configuration{where}:"]
+        for err in e.errors():
+            loc = ".".join(str(x) for x in err["loc"])
+            lines.append(f"  {loc}: {err['msg']}")
+        raise ConfigError("\n".join(lines)) from None
+
+
+def dump_config(cfg: PipelineConfig) -> str:
+    return yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False)
+
+
+def _git_revision() -> str | None:
+    here = Path(__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def package_versions() -> dict[str, str | None]:
+    from importlib import metadata
+
+    names = ["spectrolens", "torch", "numpy", "scipy", "pymatgen", "jarvis-tools", "scikit-learn", "submitit",
+             "zarr", "numcodecs", "pydantic", "mpi4py", "dgl", "alignn"]
+    out: dict[str, str | None] = {}
+    for n in names:
+        try:
+            out[n] = metadata.version(n)
+        except metadata.PackageNotFoundError:
+            out[n] = None
+    return out
+
+
+def record_run(cfg: PipelineConfig, run_dir: Path, stage: str | None = None) -> None:
+    """Write ``config.yaml`` and ``run_info.json`` (versions, git revision, seeds, host) into run_dir.
+
+    If the run directory already holds a config that differs in a way that changes results,
+    the caller should refuse (see :func:`check_compatible`)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / ".config.yaml.tmp"
+    tmp.write_text(dump_config(cfg))
+    os.replace(tmp, run_dir / "config.yaml")
+    info_path = run_dir / "run_info.json"
+    info = json.loads(info_path.read_text()) if info_path.exists() else {"stages": {}}
+    info.update({
+        "versions": package_versions(),
+        "git_revision": _git_revision(),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "seeds": {"pipeline": cfg.seed, "benchmark": cfg.data.benchmark.seed, "train": cfg.train.seed,
+                  "analyze": cfg.analyze.seed},
+    })
+    if stage:
+        info.setdefault("stages", {})[stage] = {"host": platform.node(), "pid": os.getpid()}
+    tmp = run_dir / ".run_info.json.tmp"
+    tmp.write_text(json.dumps(info, indent=2))
+    os.replace(tmp, info_path)

@@ -1,0 +1,1 @@
+"""Data: readers, spectra, benchmark, graphs and the on-disk (Zarr) dataset."""
