@@ -85,13 +85,14 @@ class ModelConfig(_Section):
     backend: Literal["torch", "dgl"] = "torch"
     alignn_layers: int = Field(4, ge=0)
     gcn_layers: int = Field(4, ge=0)
-    atom_input_features: int = 92
-    edge_input_features: int = 80
-    triplet_input_features: int = 40
-    embedding_features: int = 64
-    hidden_features: int = 256
+    atom_input_features: int = Field(92, description="CGCNN atom features (only 92 is supported)")
+    edge_input_features: int = Field(80, ge=2, description="bond-length RBF bins")
+    triplet_input_features: int = Field(40, ge=2, description="bond-angle cosine RBF bins (-1..1)")
+    embedding_features: int = Field(64, ge=1)
+    hidden_features: int = Field(256, ge=1)
     output_features: int | None = Field(None, description="default: the dataset grid length")
-    cutoff: float = Field(8.0, description="upper end of the bond-length RBF (Å)")
+    cutoff: float = Field(8.0, gt=0, description="upper end of the bond-length RBF (Å); upstream: 8")
+    link: Literal["identity", "log", "logit"] = Field("identity", description="applied to fc output")
 
 
 class TrainConfig(_Section):

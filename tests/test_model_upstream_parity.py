@@ -1,0 +1,182 @@
+"""Parity with upstream ALIGNN (alignn==2026.8.11, test-only dependency).
+
+Upstream's pure-torch ALIGNNAtomWisePure (same parameter names/shapes as ALIGNNAtomWise, which
+the study trained) is built with the study's hyperparameters, its weights are copied into ours
+with load_state_dict(strict=True), and both get the SAME graphs of real structures
+(../shared/data/paper_structures), built by upstream's own graph builder.
+Also: load_upstream_checkpoint on real upstream-format files (best_model.pt + config.json).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from toolkit.config import ModelConfig
+from toolkit.data.batch import GraphBatch
+from toolkit.model import build_model, load_upstream_checkpoint
+from toolkit.model.checkpoint import CheckpointError, upstream_state_dict
+
+pytestmark = pytest.mark.upstream
+alignn_pure = pytest.importorskip("alignn.models.alignn_atomwise_pure")
+
+STUDY = dict(alignn_layers=4, gcn_layers=4, atom_input_features=92, edge_input_features=80,
+             triplet_input_features=40, embedding_features=64, hidden_features=256, output_features=1501)
+
+
+def upstream_graph_pairs(poscars: list[Path], cutoff: float = 8.0, max_neighbors: int = 12) -> list:
+    """(g, lg) TorchGraph pairs from upstream's pure-torch builder (its graph, its features)."""
+    from jarvis.core.atoms import Atoms
+
+    from alignn.torch_graph_builder import build_pure_torch_graph
+
+    return [build_pure_torch_graph(Atoms.from_poscar(str(p)), two_body_cutoff=cutoff, max_neighbors=max_neighbors,
+                                   use_matscipy_topology=False) for p in poscars]
+
+
+def graphbatch_from_upstream(pairs: list) -> GraphBatch:
+    """Our GraphBatch of exactly the graphs upstream sees (global indices, ALIGNN conventions)."""
+    from alignn.torch_graph_builder import batch_torch_graph_pairs
+
+    g, lg = batch_torch_graph_pairs(pairs)
+    n_atoms = g.batch_num_nodes.long()
+    return GraphBatch(
+        atomic_numbers=g.ndata["Z"].long(),
+        edge_index=torch.stack([g.src, g.dst]).long(),
+        edge_vec=g.edata["r"].float().contiguous(),
+        line_index=torch.stack([lg.src, lg.dst]).long(),
+        atom_batch=torch.repeat_interleave(torch.arange(len(pairs)), n_atoms),
+        n_atoms=n_atoms,
+        n_edges=g.batch_num_edges.long(),
+        index=torch.arange(len(pairs)),
+    )
+
+
+def upstream_pure_model(**kw):
+    cfg = alignn_pure.ALIGNNAtomWisePureConfig(name="alignn_atomwise_pure", calculate_gradient=False,
+                                               use_zbl=False, energy_mult_natoms=False, **kw)
+    return alignn_pure.ALIGNNAtomWisePure(cfg)
+
+
+@pytest.fixture(scope="module")
+def poscars(shared_data: Path) -> list[Path]:
+    files = sorted((shared_data / "paper_structures").glob("POSCAR_*.vasp"))
+    assert len(files) >= 6, "paper_structures should hold the study's POSCARs"
+    return files[:6]
+
+
+@pytest.fixture(scope="module")
+def pairs(poscars):
+    return upstream_graph_pairs(poscars)
+
+
+def _randomize(model: torch.nn.Module, seed: int = 0) -> None:
+    """Non-default LayerNorm affine parameters too, so a swapped name would show."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=gen))
+
+
+def test_upstream_weights_load_strict_and_predict_the_same(pairs):
+    torch.manual_seed(0)
+    up = upstream_pure_model(**STUDY).eval()
+    _randomize(up)
+    ours = build_model(ModelConfig(**{k: v for k, v in STUDY.items()})).eval()
+    ours.load_state_dict(upstream_state_dict(up.state_dict()), strict=True)
+    assert set(ours.state_dict()) == set(up.state_dict()) - {"_species_table"}
+
+    from alignn.torch_graph_builder import batch_torch_graph_pairs
+
+    with torch.no_grad():
+        ref = up(batch_torch_graph_pairs(pairs) + (None,))["out"]
+        got = ours(graphbatch_from_upstream(pairs))
+    assert got.shape == (len(pairs), 1501) and ref.shape == got.shape
+    assert torch.isfinite(got).all()
+    assert ref.std() > 1e-3  # a non-trivial comparison
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+    # one structure alone gives the same row as inside the batch (graphs are independent)
+    with torch.no_grad():
+        one = ours(graphbatch_from_upstream(pairs[2:3]))
+    torch.testing.assert_close(one[0], got[2], rtol=1e-5, atol=1e-5)
+
+
+def test_gradients_match_upstream(pairs):
+    torch.manual_seed(1)
+    kw = dict(STUDY, alignn_layers=2, gcn_layers=1, hidden_features=64, output_features=16)
+    up = upstream_pure_model(**kw).train()
+    ours = build_model(ModelConfig(**kw)).train()
+    ours.load_state_dict(upstream_state_dict(up.state_dict()), strict=True)
+    from alignn.torch_graph_builder import batch_torch_graph_pairs
+
+    sub = pairs[:3]
+    up(batch_torch_graph_pairs(sub) + (None,))["out"].square().sum().backward()
+    ours(graphbatch_from_upstream(sub)).square().sum().backward()
+    up_grads = dict(up.named_parameters())
+    for name, p in ours.named_parameters():
+        torch.testing.assert_close(p.grad, up_grads[name].grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def _write_upstream_run(tmp_path: Path, model: torch.nn.Module, model_section: dict) -> tuple[Path, Path]:
+    """best_model.pt + config.json exactly as upstream's train.py writes them."""
+    from alignn.config import TrainingConfig
+
+    pt = tmp_path / "best_model.pt"
+    torch.save(model.state_dict(), pt)
+    tc = TrainingConfig(model=model_section, atom_features="cgcnn")
+    cfgp = tmp_path / "config.json"
+    cfgp.write_text(json.dumps(json.loads(json.dumps(tc.dict(), default=str)), indent=4))
+    return pt, cfgp
+
+
+def test_load_upstream_checkpoint_from_files(tmp_path, pairs):
+    torch.manual_seed(2)
+    kw = dict(STUDY, alignn_layers=1, gcn_layers=1, hidden_features=32, output_features=20)
+    up = upstream_pure_model(**kw).eval()
+    _randomize(up, 3)
+    section = dict(name="alignn_atomwise", calculate_gradient=False, **kw)
+    pt, cfgp = _write_upstream_run(tmp_path, up, section)
+    model, cfg = load_upstream_checkpoint(pt, cfgp)
+    assert (cfg.alignn_layers, cfg.gcn_layers, cfg.hidden_features, cfg.output_features) == (1, 1, 32, 20)
+    from alignn.torch_graph_builder import batch_torch_graph_pairs
+
+    with torch.no_grad():
+        ref = up(batch_torch_graph_pairs(pairs) + (None,))["out"]
+        got = model(graphbatch_from_upstream(pairs))
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_classic_alignn_checkpoint_is_refused(tmp_path, monkeypatch):
+    import alignn.models.alignn as classic_mod
+    from alignn.models.alignn import ALIGNN as Classic, ALIGNNConfig
+
+    if classic_mod.AvgPooling is None:  # dgl not importable here: the pooling has no parameters,
+        monkeypatch.setattr(classic_mod, "AvgPooling", torch.nn.Identity)  # so the state_dict is the same
+
+    kw = dict(alignn_layers=1, gcn_layers=1, hidden_features=32, output_features=20)
+    classic = Classic(ALIGNNConfig(name="alignn", **kw))
+    pt, cfgp = _write_upstream_run(tmp_path, classic, dict(name="alignn", **kw))
+    with pytest.raises(CheckpointError, match="BatchNorm"):
+        load_upstream_checkpoint(pt, cfgp)
+    # even when the config claims atomwise, the BatchNorm statistics in the weights give it away
+    cfgp.write_text(json.dumps({"model": dict(name="alignn_atomwise", **kw, atom_input_features=92)}))
+    with pytest.raises(CheckpointError, match="running statistics"):
+        load_upstream_checkpoint(pt, cfgp)
+
+
+def test_mismatched_config_is_refused_with_reason(tmp_path):
+    kw = dict(STUDY, alignn_layers=1, gcn_layers=1, hidden_features=32, output_features=20)
+    up = upstream_pure_model(**kw)
+    pt, cfgp = _write_upstream_run(tmp_path, up, dict(name="alignn_atomwise", **dict(kw, hidden_features=48)))
+    with pytest.raises(CheckpointError, match=r"shape mismatch.*best_model.pt|best_model.pt.*shape mismatch"):
+        load_upstream_checkpoint(pt, cfgp)
+    cfgp.write_text(json.dumps({"model": dict(name="alignn_atomwise", **kw, extra_features=4)}))
+    with pytest.raises(CheckpointError, match="extra_features"):
+        load_upstream_checkpoint(pt, cfgp)
+    cfgp.write_text(json.dumps({"model": dict(name="ealignn_atomwise", **kw)}))
+    with pytest.raises(CheckpointError, match="not supported"):
+        load_upstream_checkpoint(pt, cfgp)

@@ -1,0 +1,234 @@
+"""ALIGNN in plain PyTorch, with upstream ``alignn.models.alignn_atomwise.ALIGNNAtomWise`` names.
+
+The module tree (and so the ``state_dict``: names, shapes, the RBF ``centers`` buffers) is the
+upstream one, so upstream checkpoints load with ``strict=True``::
+
+    atom_embedding.layer.{0: Linear, 1: LayerNorm}          92 -> hidden
+    edge_embedding.{0: RBFExpansion(0..8 Å, 80), 1: MLPLayer(80->64), 2: MLPLayer(64->hidden)}
+    angle_embedding.{0: RBFExpansion(-1..1, 40), 1: MLPLayer(40->64), 2: MLPLayer(64->hidden)}
+    alignn_layers.{i}.{node_update, edge_update}.{src_gate, dst_gate, edge_gate, bn_edges,
+                                                 src_update, dst_update, bn_nodes}
+    gcn_layers.{i}.{src_gate, ...}
+    readout                                                 mean over atoms (no parameters)
+    fc                                                      hidden -> output_features
+
+Message passing uses ``index_select`` (gathers; backward = ``index_add_``) and ``index_add_``
+(sums over destinations, accumulated in fp32 under autocast). The forward has no data-dependent
+Python control flow, so it works with ``torch.compile``.
+
+Units: bond lengths in Å (``GraphBatch.edge_vec``), bond-angle cosines dimensionless.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from toolkit.data.batch import GraphBatch
+from toolkit.data.graphs import CGCNN_DIM, bond_cosines, cgcnn_table
+
+# Graph handles passed to the layers. Torch backend: (src, dst) index tensors of one graph
+# (atom graph or line graph); the DGL backend passes a DGLGraph instead (dgl_backend.py).
+TorchGraph = tuple[torch.Tensor, torch.Tensor]
+
+# Added to the per-node gate sum before dividing (upstream's value).
+_GATE_EPS = 1e-6
+
+
+class RBFExpansion(nn.Module):
+    """Gaussian radial basis expansion of a scalar (bond length in Å, or angle cosine).
+
+    ``exp(-gamma (d - c_k)^2)`` on ``bins`` evenly spaced centres ``c_k`` from vmin to vmax,
+    gamma = 1 / (centre spacing) as upstream (SchNet-style).
+    """
+
+    def __init__(self, vmin: float = 0.0, vmax: float = 8.0, bins: int = 40) -> None:
+        super().__init__()
+        self.vmin, self.vmax, self.bins = float(vmin), float(vmax), int(bins)
+        self.register_buffer("centers", torch.linspace(self.vmin, self.vmax, self.bins))
+        # mean centre spacing computed exactly as upstream (numpy on the float32 centres)
+        self.lengthscale = float(np.diff(self.centers.numpy()).mean())
+        self.gamma = 1.0 / self.lengthscale
+
+    def forward(self, distance: torch.Tensor) -> torch.Tensor:
+        """(n,) -> (n, bins)."""
+        return torch.exp(-self.gamma * (distance.unsqueeze(1) - self.centers) ** 2)
+
+
+class MLPLayer(nn.Module):
+    """Linear -> LayerNorm -> SiLU (upstream ``alignn.models.utils.MLPLayer``)."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.layer = nn.Sequential(nn.Linear(in_features, out_features), nn.LayerNorm(out_features), nn.SiLU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)
+
+
+def segment_sum(src: torch.Tensor, index: torch.Tensor, num_segments: int) -> torch.Tensor:
+    """Sum rows of ``src`` (n, F) into ``num_segments`` rows by ``index`` (n,); fp32 accumulation
+    for half/bfloat16 inputs (autocast), else the input dtype."""
+    acc = torch.float32 if src.dtype in (torch.float16, torch.bfloat16) else src.dtype
+    out = torch.zeros((num_segments, src.shape[1]), dtype=acc, device=src.device)
+    return out.index_add_(0, index, src.to(acc))
+
+
+class EdgeGatedGraphConv(nn.Module):
+    """Edge-gated graph convolution (arXiv:1711.07553), ALIGNN's variant, residual.
+
+    For an edge ``u -> v`` with features ``y_uv`` and nodes ``x``::
+
+        m_uv   = W_sg x_u + W_dg x_v + W_eg y_uv
+        s_uv   = sigmoid(m_uv)
+        h_v    = sum_u s_uv * W_du x_u / (sum_u s_uv + 1e-6)
+        x_v'   = x_v + SiLU(LN(W_su x_v + h_v))
+        y_uv'  = y_uv + SiLU(LN(m_uv))
+
+    The four node-side linear maps run as two GEMMs on concatenated weights (the parameters stay
+    separate, as upstream). Returns ``(x', y')``.
+    """
+
+    def __init__(self, input_features: int, output_features: int, residual: bool = True) -> None:
+        super().__init__()
+        self.residual = residual
+        self.src_gate = nn.Linear(input_features, output_features)
+        self.dst_gate = nn.Linear(input_features, output_features)
+        self.edge_gate = nn.Linear(input_features, output_features)
+        self.bn_edges = nn.LayerNorm(output_features)
+        self.src_update = nn.Linear(input_features, output_features)
+        self.dst_update = nn.Linear(input_features, output_features)
+        self.bn_nodes = nn.LayerNorm(output_features)
+
+    def node_projections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(x W_sg + b_sg + b_eg | x W_du + b_du)`` (N, 2F), ``x W_dg + b_dg`` (N, F),
+        ``x W_su + b_su`` (N, F). The edge-gate bias is folded into the source gate."""
+        w = torch.cat([self.src_gate.weight, self.dst_update.weight, self.dst_gate.weight, self.src_update.weight])
+        b = torch.cat([self.src_gate.bias + self.edge_gate.bias, self.dst_update.bias,
+                       self.dst_gate.bias, self.src_update.bias])
+        p = F.linear(x, w, b)
+        n = self.src_gate.out_features
+        return p[:, : 2 * n], p[:, 2 * n: 3 * n], p[:, 3 * n:]
+
+    def finish(self, x: torch.Tensor, y: torch.Tensor, ux: torch.Tensor, h: torch.Tensor,
+               m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Node and edge updates with LayerNorm, SiLU and the residual connection."""
+        x_new = F.silu(self.bn_nodes(ux + h))
+        y_new = F.silu(self.bn_edges(m))
+        if self.residual:
+            return x + x_new, y + y_new
+        return x_new, y_new
+
+    def forward(self, g: TorchGraph, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        src, dst = g
+        n = self.src_gate.out_features
+        sb, e_dst, ux = self.node_projections(x)
+        sb_e = sb.index_select(0, src)  # (E, 2F): gate and update of the source node
+        gate_in = sb_e[:, :n] + e_dst.index_select(0, dst)
+        m = torch.addmm(gate_in, y, self.edge_gate.weight.t())
+        sigma = torch.sigmoid(m)
+        agg = segment_sum(torch.cat([sb_e[:, n:] * sigma, sigma], dim=1), dst, x.shape[0])
+        h = agg[:, :n] / (agg[:, n:] + _GATE_EPS)
+        return self.finish(x, y, ux, h, m)
+
+
+class ALIGNNConv(nn.Module):
+    """One ALIGNN layer: edge-gated conv on the atom graph, then on the line graph.
+
+    Returns ``(x, y, z)``: atom, bond and angle features."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.node_update = EdgeGatedGraphConv(in_features, out_features)
+        self.edge_update = EdgeGatedGraphConv(out_features, out_features)
+
+    def forward(self, g: Any, lg: Any, x: torch.Tensor, y: torch.Tensor,
+                z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x, m = self.node_update(g, x, y)
+        y, z = self.edge_update(lg, m, z)
+        return x, y, z
+
+
+class AvgPooling(nn.Module):
+    """Mean of atom features per graph: (A, H) -> (B, H). A forward hook on it sees the pooled
+    vector that feeds ``fc`` (the ``readout`` embedding layer)."""
+
+    def forward(self, x: torch.Tensor, atom_batch: torch.Tensor, n_atoms: torch.Tensor) -> torch.Tensor:
+        total = segment_sum(x, atom_batch, n_atoms.shape[0])
+        return (total / n_atoms.clamp_min(1).to(total.dtype).unsqueeze(1)).to(x.dtype)
+
+
+class ALIGNN(nn.Module):
+    """ALIGNN regression model: ``forward(batch: GraphBatch) -> (B, output_features)``.
+
+    CGCNN atom features (92 per element, looked up from ``batch.atomic_numbers`` in a
+    non-persistent buffer so the state_dict equals upstream's) -> ``atom_embedding``; bond length
+    RBF -> ``edge_embedding``; bond-angle cosine RBF -> ``angle_embedding``; ``alignn_layers``;
+    ``gcn_layers``; ``readout`` (mean over atoms); ``fc``; then the link (identity by default).
+    """
+
+    conv_cls: type[EdgeGatedGraphConv] = EdgeGatedGraphConv
+    alignn_cls: type[ALIGNNConv] = ALIGNNConv
+
+    def __init__(self, *, alignn_layers: int = 4, gcn_layers: int = 4, atom_input_features: int = 92,
+                 edge_input_features: int = 80, triplet_input_features: int = 40,
+                 embedding_features: int = 64, hidden_features: int = 256, output_features: int = 1501,
+                 cutoff: float = 8.0, link: str = "identity") -> None:
+        super().__init__()
+        if link not in ("identity", "log", "logit"):
+            raise ValueError(f"model link must be identity, log or logit, got {link!r}")
+        self.link = link
+        self.output_features = output_features
+        if atom_input_features != CGCNN_DIM:
+            raise ValueError(f"model.atom_input_features={atom_input_features}: only CGCNN atom features "
+                             f"({CGCNN_DIM} per element) are supported")
+        self.register_buffer("atom_features", torch.from_numpy(cgcnn_table().copy()), persistent=False)
+        self.atom_embedding = MLPLayer(atom_input_features, hidden_features)
+        self.edge_embedding = nn.Sequential(
+            RBFExpansion(vmin=0.0, vmax=cutoff, bins=edge_input_features),
+            MLPLayer(edge_input_features, embedding_features),
+            MLPLayer(embedding_features, hidden_features),
+        )
+        self.angle_embedding = nn.Sequential(
+            RBFExpansion(vmin=-1.0, vmax=1.0, bins=triplet_input_features),
+            MLPLayer(triplet_input_features, embedding_features),
+            MLPLayer(embedding_features, hidden_features),
+        )
+        self.alignn_layers = nn.ModuleList(
+            [self.alignn_cls(hidden_features, hidden_features) for _ in range(alignn_layers)])
+        self.gcn_layers = nn.ModuleList(
+            [self.conv_cls(hidden_features, hidden_features) for _ in range(gcn_layers)])
+        self.readout = AvgPooling()
+        self.fc = nn.Linear(hidden_features, output_features)
+        if link == "log":  # upstream's initial bias (log of the mean dft_3d band gap, 0.7 eV)
+            nn.init.constant_(self.fc.bias, math.log(0.7))
+
+    def graphs(self, batch: GraphBatch) -> tuple[Any, Any]:
+        """Graph handles for the layers: (src, dst) of the atom graph and of the line graph."""
+        return (batch.edge_index[0], batch.edge_index[1]), (batch.line_index[0], batch.line_index[1])
+
+    def pool(self, g: Any, x: torch.Tensor, batch: GraphBatch) -> torch.Tensor:
+        return self.readout(x, batch.atom_batch, batch.n_atoms)
+
+    def forward(self, batch: GraphBatch) -> torch.Tensor:
+        g, lg = self.graphs(batch)
+        r = batch.edge_vec
+        x = self.atom_embedding(self.atom_features.index_select(0, batch.atomic_numbers))
+        y = self.edge_embedding(torch.linalg.vector_norm(r, dim=1))
+        if len(self.alignn_layers) > 0:
+            z = self.angle_embedding(bond_cosines(r, batch.line_index))
+            for layer in self.alignn_layers:
+                x, y, z = layer(g, lg, x, y, z)
+        for layer in self.gcn_layers:
+            x, y = layer(g, x, y)
+        out = self.fc(self.pool(g, x, batch))
+        if self.link == "log":
+            return torch.exp(out)
+        if self.link == "logit":
+            return torch.sigmoid(out)
+        return out
