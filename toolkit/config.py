@@ -67,6 +67,10 @@ class DataConfig(_Section):
     min_distance: float = Field(0.5, gt=0, description="reject structures with atoms closer than this (Å)")
     strict: bool = Field(False, description="any rejected record makes prepare exit non-zero")
     cache_dir: Path | None = Field(None, description="download cache (JARVIS figshare, ...); default ~/.cache/spectrolens")
+    jarvis_optics: Literal["mbj", "semilocal"] = Field(
+        "mbj", description="jarvis: which optics block of the JVASP pages (TBmBJ or OptB88vdW)")
+    structures: Path | None = Field(
+        None, description="refractiveindex: JSONL of structures paired with the reference spectra by reduced formula")
     benchmark: BenchmarkConfig = BenchmarkConfig()
     shard_size: int = Field(256, ge=1, description="materials per store part (one part = one writer's unit)")
     workers: int = Field(2, ge=1, description="local worker processes")
