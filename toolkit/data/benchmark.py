@@ -31,6 +31,7 @@ names of docs/architecture.md, and every Material carries its planted factors in
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Iterator
@@ -126,8 +127,10 @@ def _hex(a: float, c: float) -> np.ndarray:
 
 def _from_spacegroup(sg: str, lattice: Lattice, species: list[str], coords: list[list[float]],
                      role_of: dict[str, str]) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
-    s = Structure.from_spacegroup(sg, lattice, species, coords)
-    p = SpacegroupAnalyzer(s, symprec=1e-3).get_primitive_standard_structure()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # spglib deprecation chatter
+        s = Structure.from_spacegroup(sg, lattice, species, coords)
+        p = SpacegroupAnalyzer(s, symprec=1e-3).get_primitive_standard_structure()
     return p.lattice.matrix, p.frac_coords, tuple(role_of[site.specie.symbol] for site in p)
 
 

@@ -151,7 +151,7 @@ def onset_energy(energy: np.ndarray, log_alpha: np.ndarray, threshold: float = 4
     prev_ok = (j > 0) & valid[rows, jm] & (y0 < threshold)
     with np.errstate(divide="ignore", invalid="ignore"):
         frac = (threshold - y0) / (y1 - y0)
-    crossing = e[jm] + frac * (e[j] - e[jm])
+        crossing = e[jm] + frac * (e[j] - e[jm])
     out = np.where(has & prev_ok, crossing, np.where(has & (j == 0), e[0], np.nan))
     return float(out[0]) if np.ndim(log_alpha) == 1 else out
 
@@ -204,6 +204,11 @@ def peak_positions(energy: np.ndarray, log_alpha: np.ndarray, *, n: int = 3, pro
     return out
 
 
+def _gap(props: dict, key: str) -> float:
+    v = props.get(key)
+    return float(v) if v is not None else float("nan")
+
+
 def spectral_descriptors(energy: np.ndarray, spectrum: np.ndarray, *, threshold: float = 4.0,
                          transform: Transform = "log10_alpha", log_floor: float = 2.0,
                          properties: dict | None = None) -> dict:
@@ -215,7 +220,7 @@ def spectral_descriptors(energy: np.ndarray, spectrum: np.ndarray, *, threshold:
     return {
         "onset": on,
         "edge_integral": edge_integral(energy, y, on, log_floor=log_floor),
-        "direct_gap": float(props.get("direct_gap", np.nan) if props.get("direct_gap") is not None else np.nan),
-        "indirect_gap": float(props.get("indirect_gap", np.nan) if props.get("indirect_gap") is not None else np.nan),
+        "direct_gap": _gap(props, "direct_gap"),
+        "indirect_gap": _gap(props, "indirect_gap"),
         "peaks": peak_positions(energy, y),
     }

@@ -147,6 +147,8 @@ class JsonlSource:
 
     def _material(self, obj: dict, key: str, rec: str) -> Material | Reject:
         src = str(self.path)
+        if obj["structure"].get("sites") == []:
+            return Reject(src, rec, "empty cell: structure has no atoms")
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
