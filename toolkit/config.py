@@ -77,10 +77,15 @@ class DataConfig(_Section):
 
 
 class GraphConfig(_Section):
-    """Periodic k-nearest-neighbour atom graph + line graph, ALIGNN semantics."""
+    """Periodic k-nearest-neighbour atom graph + line graph, ALIGNN semantics (toolkit.data.graphs).
 
-    cutoff: float = Field(8.0, gt=0)
-    max_neighbors: int = Field(12, ge=1)
+    Each atom keeps every neighbour up to its k-th neighbour's distance; edges are made
+    undirected; the search radius is widened when an atom has fewer than k neighbours."""
+
+    cutoff: float = Field(8.0, gt=0, description="initial neighbour-search radius (Å); widened as upstream ALIGNN does")
+    max_neighbors: int = Field(12, ge=1, description="k: keep all neighbours up to the k-th neighbour's distance")
+    dedupe_self_images: bool = Field(False, description="upstream ALIGNN lists bonds to an atom's own periodic "
+                                     "images twice; true keeps them once")
 
 
 class ModelConfig(_Section):

@@ -1,0 +1,1 @@
+"""Compatibility layers for optional third-party stacks (DGL)."""

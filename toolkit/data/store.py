@@ -1,0 +1,344 @@
+"""The Zarr v3 dataset store ``dataset.zarr``: part writer, completion records, reader.
+
+Layout and rules: docs/zarr.md (summary in docs/architecture.md). Each part is a group
+``parts/<00000>`` written by exactly one worker (whole arrays, one chunk each), so no two writers
+ever touch the same Zarr chunk or shard; the part's ``complete`` attribute is written LAST, so a
+part left by a killed worker is recognisable and is rebuilt from scratch. The root attribute
+``complete`` is set by ``prepare.finalize`` after the index is written; :class:`DatasetReader`
+refuses a store without it.
+
+This module must stay importable without pymatgen or jarvis-tools (GPU nodes read stores with
+numpy, zarr and torch only).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import time
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+FORMAT = "spectrolens-dataset"
+VERSION = 1
+DESCRIPTORS = ("onset", "edge_integral", "direct_gap", "indirect_gap")  # (n,) float32 each; plus peaks (n, 3)
+N_PEAKS = 3
+
+
+class StoreError(RuntimeError):
+    """A dataset store that cannot be used as asked (the message names the store and the fix)."""
+
+
+class IncompleteStoreError(StoreError):
+    """The store was not finalised (prepare was interrupted or is still running)."""
+
+
+def part_name(part: int) -> str:
+    """Group name of part ``part`` (zero-padded, sorts in order)."""
+    return f"{int(part):05d}"
+
+
+@dataclass
+class MaterialRecord:
+    """One material as the store holds it (plain arrays; built by ``prepare`` from a Material).
+
+    Units: lattice rows and edge vectors in Å; spectrum on the dataset grid in its transform
+    (NaN = masked); descriptors in eV (edge_integral in decades·eV)."""
+
+    id: str
+    formula: str
+    numbers: np.ndarray  # (n,) atomic numbers
+    frac_coords: np.ndarray  # (n, 3)
+    lattice: np.ndarray  # (3, 3) Å, rows = lattice vectors
+    edge_src: np.ndarray  # (E,) local atom index
+    edge_dst: np.ndarray  # (E,)
+    edge_vec: np.ndarray  # (E, 3) Å, pos(dst) - pos(src)
+    spectrum: np.ndarray | None = None  # (G,)
+    descriptors: dict[str, Any] = field(default_factory=dict)  # DESCRIPTORS -> float, "peaks" -> (3,)
+    extras: dict[str, dict[str, float | str]] = field(default_factory=dict)  # group -> {name: value}, e.g. benchmark factors
+
+
+def str_array(values: Any) -> np.ndarray:
+    """Variable-length UTF-8 string array (Zarr v3 ``string`` data type)."""
+    return np.array(list(values), dtype=np.dtypes.StringDType())
+
+
+def _offsets(counts: np.ndarray) -> np.ndarray:
+    out = np.zeros(len(counts) + 1, dtype=np.int64)
+    np.cumsum(counts, out=out[1:])
+    return out
+
+
+def part_arrays(records: list[MaterialRecord], grid_num: int) -> dict[str, np.ndarray]:
+    """The arrays of one part (name -> array, names as stored, groups as ``a/b``)."""
+    n = len(records)
+    natoms = np.array([len(r.numbers) for r in records], dtype=np.int32)
+    nedges = np.array([len(r.edge_src) for r in records], dtype=np.int32)
+    cat = (lambda xs, dt, shape: np.concatenate(xs).astype(dt) if xs else np.zeros(shape, dtype=dt))
+    spectrum = np.full((n, grid_num), np.nan, dtype=np.float32)
+    has = np.zeros(n, dtype=bool)
+    for i, r in enumerate(records):
+        if r.spectrum is not None:
+            s = np.asarray(r.spectrum, dtype=np.float32)
+            if s.shape != (grid_num,):
+                raise StoreError(f"material {r.id}: spectrum has shape {s.shape}, the grid has {grid_num} points")
+            spectrum[i] = s
+            has[i] = True
+    out: dict[str, np.ndarray] = {
+        "ids": str_array(r.id for r in records), "formula": str_array(r.formula for r in records),
+        "natoms": natoms, "atom_offset": _offsets(natoms),
+        "numbers": cat([r.numbers for r in records], np.int16, (0,)),
+        "frac_coords": cat([r.frac_coords for r in records], np.float64, (0, 3)),
+        "lattice": np.stack([np.asarray(r.lattice, np.float64) for r in records]) if n else np.zeros((0, 3, 3)),
+        "nedges": nedges, "edge_offset": _offsets(nedges),
+        "edge_src": cat([r.edge_src for r in records], np.int32, (0,)),
+        "edge_dst": cat([r.edge_dst for r in records], np.int32, (0,)),
+        "edge_vec": cat([r.edge_vec for r in records], np.float32, (0, 3)),
+        "spectrum": spectrum, "has_spectrum": has,
+    }
+    for name in DESCRIPTORS:
+        out[f"descriptors/{name}"] = np.array([r.descriptors.get(name, np.nan) for r in records], dtype=np.float32)
+    peaks = np.full((n, N_PEAKS), np.nan, dtype=np.float32)
+    for i, r in enumerate(records):
+        p = np.asarray(r.descriptors.get("peaks", []), dtype=np.float32).reshape(-1)[:N_PEAKS]
+        peaks[i, : p.size] = p
+    out["descriptors/peaks"] = peaks
+    groups = sorted({(g, k) for r in records for g, d in r.extras.items() for k in d})
+    for g, k in groups:
+        vals = [r.extras.get(g, {}).get(k) for r in records]
+        if all(isinstance(v, str) or v is None for v in vals):  # categorical: "" = missing
+            out[f"{g}/{k}"] = str_array("" if v is None else v for v in vals)
+        else:  # numeric: NaN = missing
+            out[f"{g}/{k}"] = np.array([np.nan if v is None else float(v) for v in vals], dtype=np.float64)
+    return out
+
+
+def checksum(arrays: dict[str, np.ndarray]) -> str:
+    """blake2b (hex, 16 bytes) over the names, shapes and bytes of a part's arrays."""
+    h = hashlib.blake2b(digest_size=16)
+    for name in sorted(arrays):
+        a = arrays[name]
+        h.update(name.encode())
+        h.update(str(a.shape).encode())
+        h.update("\x1f".join(a.tolist()).encode() if a.dtype.kind in "UTO" else np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------- writing
+
+
+def create_store(path: str | os.PathLike, attrs: dict) -> None:
+    """Create the root group (attrs + ``complete: false``) and the ``parts`` group, once, before workers start."""
+    root = zarr.open_group(str(path), mode="w", zarr_format=3)
+    root.attrs.update({"format": FORMAT, "version": VERSION, **attrs, "complete": False})
+    root.create_group("parts")
+
+
+def root_attrs(path: str | os.PathLike) -> dict:
+    """Root attributes of a store, complete or not (raises StoreError if it is not a dataset store)."""
+    p = Path(path)
+    if not (p / "zarr.json").is_file():
+        raise StoreError(f"{p} is not a Zarr v3 store (no zarr.json); run `spectrolens prepare` to create it")
+    attrs = dict(zarr.open_group(str(p), mode="r", use_consolidated=False).attrs)
+    if attrs.get("format") != FORMAT:
+        raise StoreError(f"{p} is not a spectrolens dataset store (format={attrs.get('format')!r})")
+    return attrs
+
+
+def part_attrs(path: str | os.PathLike, part: int) -> dict | None:
+    """Attributes of a part group, or None if the group does not exist."""
+    gpath = Path(path) / "parts" / part_name(part)
+    if not (gpath / "zarr.json").is_file():
+        return None
+    return dict(zarr.open_group(str(gpath), mode="r", use_consolidated=False).attrs)
+
+
+def part_complete(path: str | os.PathLike, part: int) -> bool:
+    """True when part ``part`` was written completely (its completion record is present)."""
+    a = part_attrs(path, part)
+    return bool(a and a.get("complete") is True)
+
+
+def remove_part(path: str | os.PathLike, part: int) -> None:
+    """Delete a (partially written) part group."""
+    shutil.rmtree(Path(path) / "parts" / part_name(part), ignore_errors=True)
+
+
+def write_part(path: str | os.PathLike, part: int, records: list[MaterialRecord], grid_num: int) -> dict:
+    """Write part ``part`` from scratch: every array whole, then ``complete: true`` LAST. Returns its attrs."""
+    remove_part(path, part)
+    arrays = part_arrays(records, grid_num)
+    grp = zarr.open_group(str(Path(path) / "parts" / part_name(part)), mode="w", zarr_format=3)
+    grp.attrs.update({"complete": False})
+    for name, a in arrays.items():
+        parent = grp
+        *groups, leaf = name.split("/")
+        for g in groups:
+            parent = parent.require_group(g)
+        chunks = tuple(max(1, s) for s in a.shape)
+        parent.create_array(leaf, data=a, chunks=chunks)
+    attrs = {"n_materials": len(records), "n_atoms": int(arrays["natoms"].sum()),
+             "n_edges": int(arrays["nedges"].sum()), "checksum": checksum(arrays),
+             "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "host": platform.node(),
+             "pid": os.getpid()}
+    grp.attrs.update(attrs)
+    grp.attrs.update({"complete": True})  # the completion record, last
+    return {**attrs, "complete": True}
+
+
+def write_index(path: str | os.PathLike, n_parts: int) -> dict[str, np.ndarray]:
+    """Build ``index/`` (part_of, local, ids, natoms, nedges, has_spectrum) from the complete parts."""
+    root = zarr.open_group(str(path), mode="r+", use_consolidated=False)
+    cols: dict[str, list[np.ndarray]] = {k: [] for k in ("part_of", "local", "ids", "natoms", "nedges", "has_spectrum")}
+    for p in range(n_parts):
+        g = root["parts"][part_name(p)]
+        n = int(g.attrs["n_materials"])
+        cols["part_of"].append(np.full(n, p, dtype=np.int32))
+        cols["local"].append(np.arange(n, dtype=np.int32))
+        for k in ("ids", "natoms", "nedges", "has_spectrum"):
+            cols[k].append(np.asarray(g[k][:]) if n else np.zeros(0, dtype=np.int32))
+    index = {k: (np.concatenate(v) if v else np.zeros(0)) for k, v in cols.items()}
+    index["ids"] = str_array(str(x) for x in index["ids"])
+    ids = index["ids"]
+    if len(np.unique(ids)) != len(ids):
+        u, c = np.unique(ids, return_counts=True)
+        raise StoreError(f"{path}: duplicate material ids across parts: {u[c > 1][:10].tolist()}")
+    if "index" in root:
+        del root["index"]
+    ig = root.create_group("index")
+    for k, a in index.items():
+        ig.create_array(k, data=a, chunks=(max(1, len(a)),))
+    return index
+
+
+def mark_complete(path: str | os.PathLike, attrs: dict) -> None:
+    """Set the final root attrs with ``complete: true`` and consolidate metadata (once, at the end)."""
+    root = zarr.open_group(str(path), mode="r+", use_consolidated=False)
+    root.attrs.update({**attrs, "complete": True})
+    with warnings.catch_warnings():  # "consolidated metadata is not part of the v3 spec": zarr-python reads it
+        warnings.simplefilter("ignore", UserWarning)
+        zarr.consolidate_metadata(str(path))
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+class PartArrays:
+    """All arrays of one part in memory, sliceable per material."""
+
+    def __init__(self, arrays: dict[str, np.ndarray]):
+        self.arrays = arrays
+        self.n = int(arrays["natoms"].shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        return int(sum(a.nbytes for a in self.arrays.values()))
+
+    def material(self, local: int) -> dict[str, Any]:
+        """Arrays of material ``local`` of this part (atom indices of edges are local to the material)."""
+        a = self.arrays
+        a0, a1 = int(a["atom_offset"][local]), int(a["atom_offset"][local + 1])
+        e0, e1 = int(a["edge_offset"][local]), int(a["edge_offset"][local + 1])
+        return {
+            "id": str(a["ids"][local]), "formula": str(a["formula"][local]),
+            "numbers": a["numbers"][a0:a1].astype(np.int64), "frac_coords": a["frac_coords"][a0:a1],
+            "lattice": a["lattice"][local],
+            "edge_src": a["edge_src"][e0:e1].astype(np.int64), "edge_dst": a["edge_dst"][e0:e1].astype(np.int64),
+            "edge_vec": a["edge_vec"][e0:e1],
+            "spectrum": a["spectrum"][local], "has_spectrum": bool(a["has_spectrum"][local]),
+        }
+
+
+def _read_group(g: zarr.Group, prefix: str = "") -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {}
+    for name, item in g.members():
+        if isinstance(item, zarr.Group):
+            out.update(_read_group(item, f"{prefix}{name}/"))
+        else:
+            out[f"{prefix}{name}"] = np.asarray(item[...])
+    return out
+
+
+class DatasetReader:
+    """Read a complete ``dataset.zarr`` (numpy + zarr only).
+
+    Holds the root attrs and the small index (O(N) ints); parts are read whole on demand
+    (:meth:`read_part`), with an LRU cache of ``cache_parts`` parts so memory stays bounded."""
+
+    def __init__(self, path: str | os.PathLike, cache_parts: int = 2):
+        self.path = Path(path)
+        attrs = root_attrs(self.path)
+        if attrs.get("complete") is not True:
+            raise IncompleteStoreError(
+                f"dataset store {self.path} is incomplete (root attribute complete is not true): prepare was "
+                f"interrupted or is still running; re-run `spectrolens prepare` with the same config and run "
+                f"directory to finish it")
+        self.attrs = attrs
+        self._root = zarr.open_group(str(self.path), mode="r")
+        ig = self._root["index"]
+        self.part_of = np.asarray(ig["part_of"][:], dtype=np.int64)
+        self.local = np.asarray(ig["local"][:], dtype=np.int64)
+        self.ids = np.asarray(ig["ids"][:])  # numpy StringDType
+        self.natoms = np.asarray(ig["natoms"][:], dtype=np.int64)
+        self.nedges = np.asarray(ig["nedges"][:], dtype=np.int64)
+        self.has_spectrum = np.asarray(ig["has_spectrum"][:], dtype=bool)
+        self.n_parts = int(attrs["n_parts"])
+        self.cache_parts = max(1, int(cache_parts))
+        self._cache: OrderedDict[int, PartArrays] = OrderedDict()
+
+    def __len__(self) -> int:
+        return int(self.part_of.shape[0])
+
+    @property
+    def energy(self) -> np.ndarray:
+        """The target grid (eV)."""
+        return np.asarray(self.attrs["energy"], dtype=np.float64)
+
+    def part_sizes(self) -> np.ndarray:
+        return np.bincount(self.part_of, minlength=self.n_parts)
+
+    def read_part(self, part: int) -> PartArrays:
+        """All arrays of part ``part`` (cached, LRU)."""
+        part = int(part)
+        if part in self._cache:
+            self._cache.move_to_end(part)
+            return self._cache[part]
+        pa = PartArrays(_read_group(self._root["parts"][part_name(part)]))
+        self._cache[part] = pa
+        while len(self._cache) > self.cache_parts:
+            self._cache.popitem(last=False)
+        return pa
+
+    def material(self, index: int) -> dict[str, Any]:
+        """Arrays of material ``index`` (row of the index), plus its ``index``."""
+        rec = self.read_part(int(self.part_of[index])).material(int(self.local[index]))
+        rec["index"] = int(index)
+        return rec
+
+    def column(self, name: str, indices: np.ndarray | None = None) -> np.ndarray:
+        """A per-material array (``spectrum``, ``descriptors/onset``, ``benchmark/<f>``, ...) for ``indices``
+        (default all), in index order; reads one part at a time, bypassing the cache."""
+        idx = np.arange(len(self)) if indices is None else np.asarray(indices, dtype=np.int64)
+        out: np.ndarray | None = None
+        for p in np.unique(self.part_of[idx]):
+            sel = np.nonzero(self.part_of[idx] == p)[0]
+            g = self._root["parts"][part_name(int(p))]
+            try:
+                arr = g[name]
+            except KeyError:
+                raise StoreError(f"{self.path}: part {part_name(int(p))} has no array {name!r}") from None
+            vals = np.asarray(arr[...])[self.local[idx[sel]]]
+            if out is None:
+                out = np.empty((len(idx),) + vals.shape[1:], dtype=vals.dtype)
+            out[sel] = vals
+        if out is None:
+            raise StoreError(f"{self.path}: no materials selected for column {name!r}")
+        return out
