@@ -105,6 +105,8 @@ class ModelConfig(_Section):
 
 
 class TrainConfig(_Section):
+    """`spectrolens train`: (distributed) training, checkpoints and resume (see docs/training.md)."""
+
     epochs: int = Field(100, ge=1)
     batch_size: int = Field(16, ge=1, description="per process")
     learning_rate: float = Field(1e-3, gt=0)
@@ -118,7 +120,13 @@ class TrainConfig(_Section):
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on GPU, fp32 on CPU")
     num_workers: int = Field(0, ge=0, description="data-loader worker processes per rank")
     checkpoint_every: int = Field(1, ge=1, description="epochs between checkpoints")
-    max_checkpoint_minutes: float | None = Field(None, description="also checkpoint mid-epoch this often")
+    max_checkpoint_minutes: float | None = Field(None, gt=0, description="also checkpoint mid-epoch this often")
+    scheduler: Literal["onecycle", "none"] = Field("onecycle", description="one-cycle LR stepped per batch")
+    pct_start: float = Field(0.3, gt=0, lt=1, description="one-cycle: fraction of steps spent warming up")
+    dist_backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="auto: nccl on GPU, gloo on CPU")
+    dist_timeout_minutes: float = Field(30.0, gt=0, description="collective-operation timeout")
+    progress: bool = Field(True, description="tqdm progress bar (rank 0 only)")
+    init_output_bias: bool = Field(True, description="start the output layer's bias at the mean training spectrum")
 
     @field_validator("split")
     @classmethod
@@ -129,27 +137,50 @@ class TrainConfig(_Section):
 
 
 class EmbedConfig(_Section):
+    """`spectrolens embed`: layer activations of a trained model into ``embeddings.zarr``."""
+
     layers: list[str] | None = Field(None, description="layer names (alignn_1.., gcn_1.., readout); default all")
     pooling: list[Literal["mean", "max", "sum"]] = ["mean"]
-    per_atom: bool = False
+    per_atom: bool = Field(False, description="also store per-atom features (ragged: atoms + atom_offset)")
     dtype: Literal["float32", "float16"] = "float32"
     batch_size: int = Field(64, ge=1)
     shard_size: int = Field(1024, ge=1, description="materials per Zarr shard = one worker's unit of work")
     workers: int = Field(1, ge=1, description="local worker processes")
     checkpoint: Path | None = Field(None, description="default: <run_dir>/train/best.pt")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on GPU, fp32 on CPU")
+    num_workers: int = Field(0, ge=0, description="data-loader worker processes per embed worker (GPU: 2-8)")
+
+    @field_validator("pooling", "layers")
+    @classmethod
+    def _unique(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and len(set(v)) != len(v):
+            raise ValueError(f"duplicate names in {v}")
+        if v is not None and not v:
+            raise ValueError("must not be empty (omit the key for the default)")
+        return v
 
 
 class AnalyzeConfig(_Section):
-    layers: list[str] | None = Field(None, description="default: every captured layer + spectra baselines")
+    """`spectrolens analyze`: descriptors, Ward clustering per layer, attribution, probes, report
+    (see docs/report.md)."""
+
+    layers: list[str] | None = Field(None, description="layer names, plus 'spectrum_reference' / "
+                                     "'spectrum_predicted' baselines; default: every captured layer + both baselines")
     pooling: Literal["mean", "max", "sum"] = "mean"
-    n_clusters: int | Literal["auto"] = "auto"
+    n_clusters: int | Literal["auto"] = Field("auto", description="auto: best mean silhouette over 2..max_clusters")
     max_clusters: int = Field(20, ge=2)
     standardize: bool = True
     pca_components: int | None = Field(None, ge=1)
-    scalable_threshold: int = Field(50_000, ge=100, description="above this many materials use micro-cluster Ward")
+    scalable_threshold: int = Field(20_000, ge=100, description="above this many materials use micro-cluster Ward "
+                                    "(exact Ward needs 4*N^2 bytes: 1.6 GB at 20,000)")
     micro_clusters: int = Field(2000, ge=10)
     permutation_repeats: int = Field(5, ge=1)
+    coordination: Literal["auto", "crystalnn", "cutoff"] = Field(
+        "auto", description="neighbour finder for coordination/bond descriptors; auto: CrystalNN up to "
+        "crystalnn_max_materials, else MinimumDistanceNN(tol=0.2)")
+    crystalnn_max_materials: int = Field(20_000, ge=1)
+    probe_folds: int = Field(5, ge=2)
     workers: int = Field(2, ge=1)
     seed: int = 0
 
@@ -170,10 +201,14 @@ class StageResources(_Section):
     array_tasks: int = Field(1, ge=1, description="prepare/embed: number of array tasks")
     array_parallelism: int = Field(64, ge=1)
     additional: dict[str, Any] = Field(default_factory=dict, description="extra sbatch parameters")
+    srun_args: list[str] = Field(default_factory=list, description="extra srun arguments, e.g. ['--mpi=pmix']")
 
 
 class ExecutorConfig(_Section):
+    """Where stages run (`spectrolens run --executor`); per-stage SLURM resources (profiles: jobs/)."""
+
     kind: Literal["local", "slurm"] = "local"
+    poll_seconds: float = Field(10.0, gt=0, description="slurm: seconds between sacct polls while waiting")
     prepare: StageResources = StageResources()
     train: StageResources = StageResources()
     embed: StageResources = StageResources()
