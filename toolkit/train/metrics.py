@@ -20,6 +20,17 @@ from sklearn.metrics import r2_score
 from toolkit.data.spectra import onset_energy
 
 
+def json_safe(obj):
+    """NaN/inf -> None, recursively (strict JSON)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def masked_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, kind: str) -> torch.Tensor:
     """Mean L1 (``l1``) or squared (``mse``) error over the points where ``mask`` is true (float32)."""
     diff = torch.where(mask, pred.float() - torch.nan_to_num(target.float()), torch.zeros((), device=pred.device))
@@ -87,7 +98,7 @@ class MetricsLog:
 
     def _rewrite(self) -> None:
         tmp = self.jsonl.with_name(f".{self.jsonl.name}.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+        tmp.write_text("".join(json.dumps(json_safe(r)) + "\n" for r in self.rows))
         os.replace(tmp, self.jsonl)
         keys: list[str] = []
         for r in self.rows:
