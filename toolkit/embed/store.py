@@ -150,7 +150,7 @@ def create_store(path: Path, layout: Layout, ids: np.ndarray, index: np.ndarray,
         root.attrs.update({"format": FORMAT, "version": VERSION, **attrs, **_layout_attrs(layout), "complete": False})
         n, s = layout.n_materials, layout.shard_size
         _row_array(root, "ids", n, None, str, s, ("material",), "")
-        root["ids"][:] = np.asarray(ids, dtype=str)
+        root["ids"][:] = np.asarray(ids).astype(np.dtypes.StringDType())
         _row_array(root, "index", n, None, "int64", s, ("material",), -1)
         root["index"][:] = np.asarray(index, dtype=np.int64)
         _row_array(root, "prediction", n, layout.prediction_size, "float32", s, ("material", "energy"), np.nan)

@@ -1,0 +1,155 @@
+"""Load the trained model once per process and run it over batches, collecting pooled activations.
+
+The model comes from ``best.pt`` (``{format: "spectrolens-model", model, config, output_features}``,
+written by toolkit.train, loaded with ``weights_only=True``); its identity is the sha256 of the file.
+Inference: ``torch.inference_mode``, eval mode, bf16 autocast on GPU (``embed.precision``), batches
+moved with ``non_blocking`` from pinned memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ContextManager, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from toolkit.config import EmbedConfig, ModelConfig, PipelineConfig
+from toolkit.data.batch import GraphBatch
+from toolkit.embed.hooks import READOUT, capture, resolve_layers
+from toolkit.embed.store import ShardResult
+from toolkit.model import CheckpointError, build_model, load_state_dict_file
+
+# = toolkit.train.checkpoint.MODEL_FORMAT (best.pt); not imported from there because importing
+# toolkit.train pulls in sklearn and submitit, seconds per worker process start (a test checks equality)
+MODEL_FORMAT = "spectrolens-model"
+
+
+class EmbedError(RuntimeError):
+    """Extraction cannot proceed; the message names the file and the reason."""
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for inference and what identifies it."""
+
+    model: nn.Module
+    path: Path
+    sha256: str
+    model_cfg: ModelConfig
+    output_features: int
+    device: torch.device
+
+    @property
+    def hidden(self) -> int:
+        return int(self.model_cfg.hidden_features)
+
+
+def checkpoint_path(cfg: PipelineConfig, run_dir: Path) -> Path:
+    """``embed.checkpoint`` or ``<run_dir>/train/best.pt``."""
+    return Path(cfg.embed.checkpoint) if cfg.embed.checkpoint else Path(run_dir) / "train" / "best.pt"
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def resolve_device(ecfg: EmbedConfig) -> torch.device:
+    if ecfg.device == "cuda" and not torch.cuda.is_available():
+        raise EmbedError("embed.device is 'cuda' but torch sees no GPU (use 'auto' or 'cpu')")
+    if ecfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(ecfg.device)
+
+
+def use_bf16(ecfg: EmbedConfig, device: torch.device) -> bool:
+    return ecfg.precision == "bf16" or (ecfg.precision == "auto" and device.type == "cuda")
+
+
+_CACHE: dict[tuple, LoadedModel] = {}
+
+
+def load_model(path: Path, device: torch.device) -> LoadedModel:
+    """Build the model of checkpoint ``path`` (its own model config) in eval mode on ``device``.
+
+    Cached per process (keyed by path, size, mtime, device) so a worker doing many shards loads once."""
+    path = Path(path)
+    if not path.is_file():
+        raise EmbedError(f"model checkpoint {path} does not exist (train first, or set embed.checkpoint)")
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, str(device))
+    if key in _CACHE:
+        return _CACHE[key]
+    sha = file_sha256(path)
+    try:
+        obj = load_state_dict_file(path)
+    except CheckpointError as e:
+        raise EmbedError(str(e)) from None
+    if obj.get("format") != MODEL_FORMAT:
+        raise EmbedError(f"model checkpoint {path} is not a {MODEL_FORMAT} file (format: {obj.get('format')!r}); "
+                         f"embed reads train/best.pt as written by `spectrolens train`")
+    try:
+        saved = obj["config"]
+        saved = json.loads(saved) if isinstance(saved, str) else saved
+        model_cfg = ModelConfig.model_validate(saved["model"])
+        out = int(obj["output_features"])
+        model = build_model(model_cfg, out)
+        model.load_state_dict(obj["model"], strict=True)
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise EmbedError(f"model checkpoint {path} cannot be used: {e}") from e
+    model.eval().to(device)
+    loaded = LoadedModel(model, path, sha, model_cfg, out, device)
+    _CACHE.clear()
+    _CACHE[key] = loaded
+    return loaded
+
+
+def autocast(device: torch.device, bf16: bool) -> ContextManager:
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+
+
+def embed_layers(model: nn.Module, wanted: list[str] | None) -> list[str]:
+    """Validated layer names in model order (``embed.layers``; None = all)."""
+    try:
+        return resolve_layers(model, wanted)
+    except ValueError as e:
+        raise EmbedError(str(e)) from None
+
+
+def extract(loaded: LoadedModel, batches: Iterable[GraphBatch], layers: list[str], poolings: list[str],
+            per_atom: bool, bf16: bool) -> tuple[np.ndarray, ShardResult]:
+    """Run the model over ``batches`` in order; returns (dataset rows seen, ShardResult in that order).
+
+    Pooled arrays are keyed ``layers/<layer>/<pooling>`` as in the store; per-atom arrays (all layers
+    but the readout) are concatenated over the batches in atom order."""
+    dev = loaded.device
+    rows: list[np.ndarray] = []
+    pooled: dict[str, list[np.ndarray]] = {}
+    preds: list[np.ndarray] = []
+    atoms: dict[str, list[np.ndarray]] = {}
+    with torch.inference_mode(), capture(loaded.model, layers) as cap:
+        for batch in batches:
+            b = batch.to(dev, non_blocking=dev.type == "cuda")
+            with autocast(dev, bf16):
+                pred = loaded.model(b)
+            for key, val in cap.pooled(b, poolings).items():
+                pooled.setdefault(f"layers/{key}", []).append(val.cpu().numpy())
+            preds.append(pred.float().cpu().numpy())
+            if per_atom:
+                for layer, val in cap.per_atom().items():
+                    atoms.setdefault(layer, []).append(val.cpu().numpy())
+            rows.append(batch.index.cpu().numpy())
+    if not rows:
+        raise EmbedError("no batches to extract")
+    result = ShardResult(pooled={k: np.concatenate(v) for k, v in pooled.items()}, prediction=np.concatenate(preds),
+                         atoms={k: np.concatenate(v) for k, v in atoms.items() if k != READOUT})
+    return np.concatenate(rows), result
