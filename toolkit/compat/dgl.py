@@ -79,6 +79,8 @@ def import_dgl() -> types.ModuleType:
             raise DGLUnavailable(f"import dgl failed even with the GraphBolt stand-in: {type(e).__name__}: {e}. "
                                  f"Needs dgl=={DGL_VERSION}, torchdata==0.9.0, packaging, pandas, pyyaml, "
                                  f"pydantic") from e
+    if not hasattr(dgl, "graphbolt"):
+        dgl.graphbolt = sys.modules["dgl.graphbolt"]
     return dgl
 
 

@@ -303,6 +303,16 @@ def _run_part_logged(cfg: PipelineConfig, run_dir: str, part: int) -> int:
     return part
 
 
+def _pool_context() -> mp.context.BaseContext:
+    """forkserver (with the heavy imports preloaded once, so workers start warm), else spawn.
+    Not fork: zarr's I/O threads and torch do not survive a fork of a threaded parent."""
+    if "forkserver" in mp.get_all_start_methods():
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(["toolkit.data.prepare", "toolkit.data.readers", "pymatgen.core", "zarr"])
+        return ctx
+    return mp.get_context("spawn")
+
+
 def run(cfg: PipelineConfig, run_dir: str | os.PathLike) -> dict:
     """plan + every incomplete part on a local pool of ``cfg.data.workers`` processes + finalize."""
     from tqdm import tqdm
@@ -326,7 +336,7 @@ def run(cfg: PipelineConfig, run_dir: str | os.PathLike) -> dict:
                     run_part(cfg, run_dir, p)
                     bar.update()
             else:
-                ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
+                ctx = _pool_context()
                 with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
                     futs = {pool.submit(_run_part_logged, cfg, str(run_dir), p): p for p in todo}
                     for f in as_completed(futs):
