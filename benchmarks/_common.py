@@ -1,0 +1,137 @@
+"""Shared helpers of the benchmark scripts: machine description, medians, peak memory, JSON output.
+
+Every script under benchmarks/ accepts ``--json PATH``; ``benchmarks/run_all`` collects those files
+into benchmarks/results/all.json and the table in docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("SPECTROLENS_SHARED_DATA", REPO.parent / "shared" / "data"))
+MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "1073741824"}
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model, cores, memory, GPU (if torch sees one), versions."""
+    info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(),
+                            "cpus": os.cpu_count()}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                info["mem_gib"] = round(int(line.split()[1]) / 2**20, 1)
+                break
+    except OSError:
+        pass
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["torch_threads"] = torch.get_num_threads()
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    try:
+        from importlib.metadata import version
+
+        info["alignn"] = version("alignn")
+    except Exception:  # noqa: BLE001 - optional
+        info["alignn"] = None
+    return info
+
+
+def median_seconds(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> tuple[float, list[float]]:
+    """Median wall time of ``fn()`` over ``repeats`` runs after ``warmup`` untimed runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), times
+
+
+def _tree_rss_bytes(pid: int) -> int:
+    """Resident memory of a process and all its descendants (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    rss: dict[int, int] = {}
+    page = os.sysconf("SC_PAGE_SIZE")
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            rss[int(d.name)] = int((d / "statm").read_text().split()[1]) * page
+            children.setdefault(ppid, []).append(int(d.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    total, stack = 0, [pid]
+    while stack:
+        p = stack.pop()
+        total += rss.get(p, 0)
+        stack.extend(children.get(p, []))
+    return total
+
+
+class PeakMemory:
+    """Samples the summed RSS of a process tree (default: this process) in a background thread."""
+
+    def __init__(self, pid: int | None = None, interval: float = 0.2):
+        self.pid = pid or os.getpid()
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _tree_rss_bytes(self.pid))
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "PeakMemory":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _tree_rss_bytes(self.pid))
+
+    @property
+    def peak_gib(self) -> float:
+        return self.peak / 2**30
+
+
+def emit(name: str, rows: list[dict[str, Any]], params: dict[str, Any], json_path: Path | None) -> None:
+    """Print a table of rows and, if asked, write ``{name, date, machine, params, rows}`` as JSON.
+
+    A row: ``{"what": str, "unit": str, "ours": float, "upstream": float | None, "ratio": float | None}``
+    where ratio is ours/upstream for throughputs (higher is better) as stated in ``what``.
+    """
+    print(f"\n== {name} ==  ({', '.join(f'{k}={v}' for k, v in params.items())})")
+    for r in rows:
+        up = r.get("upstream")
+        ratio = r.get("ratio")
+        print(f"  {r['what']:<48} ours {r['ours']:>12.4g} {r.get('unit', ''):<14}"
+              + (f" upstream {up:>12.4g}" if up is not None else "")
+              + (f"  ratio {ratio:.2f}x" if ratio is not None else ""))
+    if json_path:
+        json_path = Path(json_path)
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps({"name": name, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                                         "machine": machine_info(), "params": params, "rows": rows}, indent=2))
