@@ -113,7 +113,10 @@ class Trainer:
         self.last_path = train_dir / "checkpoints" / "last.pt"
         self.best_path = train_dir / "best.pt"
         self.raw_model = model.to(device)
-        self.model: nn.Module = (DistributedDataParallel(self.raw_model, device_ids=[device.index] if device.type == "cuda" else None)
+        # static_graph: the last layer's edge-update parameters never get gradients (its bond features
+        # are not read out); the set of used parameters is the same every step, so DDP can skip them.
+        self.model: nn.Module = (DistributedDataParallel(self.raw_model, static_graph=True,
+                                                         device_ids=[device.index] if device.type == "cuda" else None)
                                  if dist_env.distributed else self.raw_model)
         self.optimizer = torch.optim.AdamW(self.raw_model.parameters(), lr=self.tc.learning_rate,
                                            weight_decay=self.tc.weight_decay)
