@@ -7,7 +7,10 @@ builder with ``use_canonize=True``, the default of ``Graph.atom_dgl_multigraph``
 1. for every atom ``i``, all periodic neighbours ``j + image`` within ``cutoff`` (Å), the atom
    itself at zero distance excluded; if any atom has fewer than ``max_neighbors`` (k) neighbours,
    the cutoff is widened the way upstream does it (to the longest lattice vector length, or
-   doubled once it is already longer) and the search repeated;
+   doubled once it is already longer) and the search repeated. The result depends only on the
+   k-th-shell distances, not on the search radius, so the search starts smaller than ``cutoff``
+   (a sphere holding ~2k atoms) and grows until every atom's k-th shell is inside: the same graph
+   as upstream's search at ``cutoff``, for a fraction of the neighbour pairs;
 2. atom ``i`` keeps every neighbour whose distance is <= the distance of its k-th nearest
    neighbour (so ties at the k-th shell are all kept: often more than k neighbours);
 3. the kept (i, j, image) pairs are made undirected: every pair becomes the two directed edges
@@ -112,8 +115,12 @@ def knn_graph(lattice: np.ndarray, frac_coords: np.ndarray, numbers: np.ndarray,
     if abs(np.linalg.det(lattice)) < 1e-6:
         raise GraphError(f"degenerate lattice (volume {np.linalg.det(lattice):.3g} Å^3)")
     k = int(max_neighbors)
-    r = float(cutoff)
-    for _ in range(32):
+    # Search radius: the graph does not depend on it as long as every atom's whole k-th shell lies
+    # inside, so start from the radius of a sphere holding ~2k atoms at this density (much less work
+    # than a full `cutoff` search), grow up to `cutoff`, then widen beyond it as upstream does.
+    volume = abs(float(np.linalg.det(lattice)))
+    r = min(float(cutoff), 1.3 * (3.0 * k * volume / (4.0 * np.pi * n)) ** (1.0 / 3.0))
+    for _ in range(64):
         i, j, img, d = periodic_neighbors(lattice, frac, r)
         if min_distance is not None and d.size and d.min() < min_distance:
             a = int(np.argmin(d))
@@ -121,16 +128,18 @@ def knn_graph(lattice: np.ndarray, frac_coords: np.ndarray, numbers: np.ndarray,
                              f"(closer than data.min_distance = {min_distance} Å)")
         counts = np.bincount(i, minlength=n)
         if counts.min() >= k:
-            break
-        r = _widened(r, lattice)
+            # sort by (centre, distance) with one float key: centres are separated by more than any distance
+            order = np.argsort(i * (2.0 * r + 1.0) + d, kind="stable")
+            i, j, img, d = i[order], j[order], img[order], d[order]
+            starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
+            dk = d[starts + k - 1]
+            if np.all(dk + SHELL_TOL < r):
+                break
+        r = min(float(cutoff), 1.5 * r) if r < cutoff else _widened(r, lattice)
     else:  # pragma: no cover - only for absurd lattices
         raise GraphError(f"could not find {k} neighbours for every atom up to {r:.1f} Å")
 
-    # k-th neighbour distance per atom; keep the whole k-th shell
-    order = np.lexsort((d, i))
-    i, j, img, d = i[order], j[order], img[order], d[order]
-    starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
-    dk = d[starts + k - 1]
+    # keep the whole k-th shell of every atom
     keep = d <= dk[i] + SHELL_TOL
     i, j, img = i[keep], j[keep], img[keep]
 
