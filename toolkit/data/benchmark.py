@@ -15,7 +15,7 @@ Generation of material ``i`` (all rules and constants are documented in docs/ben
    N(0, 0.01 Å) per Cartesian component.
 3. Noise-free spectrum on the target grid (log10 α, α in cm^-1)::
 
-       y(E) = floor + H σ((E − E0)/w + s0) + h1 G(E; p1, 0.4) + h2 G(E; p2, 0.6)
+       y(E) = floor + H σ((E − E0)/w + s0) + h1 G(E; p1, 0.5) + h2 G(E; p2, 0.7)
        E0 = A[anion] + C[cation_class] − β (d − 2.4 Å)
        w  = W[coordination],  p1 = E0 + D1[coordination],  p2 = p1 + D2[anion]
 
@@ -41,7 +41,7 @@ from pymatgen.core import Element, Lattice, Structure
 from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
 
 from toolkit.data.records import Material, Reject
-from toolkit.data.spectra import edge_integral, energy_grid, onset_energy, peak_positions
+from toolkit.data.spectra import energy_grid, onset_energy
 
 # ---------------------------------------------------------------------------------------------
 # Chemistry
@@ -252,12 +252,12 @@ ONSET_CATION = {"alkali": 1.4, "alkaline_earth": 1.2, "rare_earth": 0.8, "other"
 #: onset slope with the active bond length (eV/Å), reference length (Å)
 BOND_SLOPE, BOND_REF = 1.5, 2.4
 #: edge width w (eV) and first-peak offset D1 (eV) by coordination of the active cation
-EDGE_WIDTH = {"tetrahedral": 0.20, "octahedral": 0.35, "cubic": 0.50}
-PEAK1_OFFSET = {"tetrahedral": 1.2, "octahedral": 2.0, "cubic": 2.8}
+EDGE_WIDTH = {"tetrahedral": 0.35, "octahedral": 0.50, "cubic": 0.70}
+PEAK1_OFFSET = {"tetrahedral": 1.5, "octahedral": 2.2, "cubic": 3.0}
 #: second-peak offset from the first, D2 (eV), by anion class
 PEAK2_OFFSET = {"halide": 3.0, "oxide": 2.6, "nitride": 2.2, "sulfide": 2.0, "selenide": 1.8, "telluride": 1.6}
 #: edge height H (decades), peak heights h1, h2 (decades), peak widths (eV, Gaussian σ)
-EDGE_HEIGHT, PEAK_HEIGHTS, PEAK_WIDTHS = 3.5, (0.7, 0.5), (0.4, 0.6)
+EDGE_HEIGHT, PEAK_HEIGHTS, PEAK_WIDTHS = 3.5, (0.7, 0.5), (0.5, 0.7)
 #: onset clamp (eV): E0 is limited to [ONSET_MIN, ONSET_MAX] by a smooth (softplus) clamp
 ONSET_MIN, ONSET_MAX = 0.8, 9.0
 STRAIN, DISPLACEMENT = 0.03, 0.01
@@ -307,6 +307,11 @@ def _data_cfg(cfg: Any) -> Any:
     return cfg.data if hasattr(cfg, "data") else cfg
 
 
+@lru_cache(maxsize=None)
+def _element(symbol: str) -> Element:
+    return Element(symbol)
+
+
 def key_of(index: int) -> str:
     """Record key / material id of benchmark material ``index``."""
     return f"bench-{index:05d}"
@@ -340,7 +345,7 @@ def generate(cfg: Any, index: int, energy: np.ndarray | None = None) -> Material
     strain = float(rng.uniform(-STRAIN, STRAIN))
     d = d0 * (1.0 + strain)
     lattice = proto.lattice * d
-    species = [anion if r == "X" else cations[r][0] for r in proto.roles]
+    species = [_element(anion if r == "X" else cations[r][0]) for r in proto.roles]
     disp = rng.normal(0.0, DISPLACEMENT, size=proto.frac.shape)
     frac = proto.frac + disp @ np.linalg.inv(lattice)
     structure = Structure(Lattice(lattice), species, frac)
@@ -351,14 +356,20 @@ def generate(cfg: Any, index: int, energy: np.ndarray | None = None) -> Material
     observed = clean + rng.normal(0.0, bc.noise, size=clean.shape) if bc.noise > 0 else clean
     if dc.transform == "alpha":
         observed = 10.0 ** observed
-    on = onset_energy(energy, clean, dc.onset_threshold)
-    pk = peak_positions(energy, clean)
+    on = float(onset_energy(energy, clean, dc.onset_threshold))
+    p1 = e0 + PEAK1_OFFSET[proto.coordination]
+    p2 = p1 + PEAK2_OFFSET[an_class]
+    window = on + np.linspace(0.0, 1.0, 101)
+    edge = clean_spectrum(window, e0, proto.coordination, an_class, threshold=dc.onset_threshold,
+                          log_floor=dc.log_floor) - dc.log_floor
+    inside = on + 1.0 <= energy[-1]
     props = {
         "prototype": proto.name, "anion": an_class, "anion_element": anion, "cation": act_el,
         "cation_oxidation": int(act_ox), "cation_class": cls, "coordination": proto.coordination,
         "bond_length_mean": float(d), "strain": strain, "onset_param": float(e0), "onset": float(on),
-        "edge_integral": float(edge_integral(energy, clean, on, log_floor=dc.log_floor)),
-        "peak_1": float(pk[0]), "peak_2": float(pk[1]),
+        "edge_integral": float(np.trapezoid(edge, dx=0.01)) if inside else float("nan"),
+        "peak_1": float(p1) if p1 <= energy[-1] else float("nan"),
+        "peak_2": float(p2) if p2 <= energy[-1] else float("nan"),
     }
     key = key_of(index)
     return Material(id=key, structure=structure, formula=structure.composition.reduced_formula,
