@@ -65,10 +65,11 @@ def test_prepare_mp_structures_two_workers_then_second_run_is_noop(tmp_path, sha
 
 
 def test_killed_prepare_resumes_without_rebuilding_finished_parts(tmp_path, shared_data, repo_root):
-    src = shared_data / "mp_structures" / "mp_structures.jsonl"
+    src = tmp_path / "mp240.jsonl"  # the first 240 real structures: 20 parts of 12
+    src.write_text("".join((shared_data / "mp_structures" / "mp_structures.jsonl").open().readlines()[:240]))
     run_dir = tmp_path / "run"
     args = [sys.executable, "-m", "toolkit.cli", "prepare", "--run-dir", str(run_dir),
-            "--set", "data.source=jsonl", "--set", f"data.path={src}", "--set", "data.shard_size=20",
+            "--set", "data.source=jsonl", "--set", f"data.path={src}", "--set", "data.shard_size=12",
             "--set", "data.workers=1"]
     proc = subprocess.Popen(args, cwd=repo_root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
@@ -76,7 +77,7 @@ def test_killed_prepare_resumes_without_rebuilding_finished_parts(tmp_path, shar
     try:
         deadline = time.time() + 120
         while time.time() < deadline:
-            done = [p for p in range(42) if parts_dir.is_dir() and store.part_complete(run_dir / "dataset.zarr", p)]
+            done = [p for p in range(20) if parts_dir.is_dir() and store.part_complete(run_dir / "dataset.zarr", p)]
             if len(done) >= 3:
                 break
             assert proc.poll() is None, "prepare finished before it could be killed"
@@ -86,7 +87,7 @@ def test_killed_prepare_resumes_without_rebuilding_finished_parts(tmp_path, shar
         proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
     n_parts = json.loads((run_dir / "prepare" / "plan.json").read_text())["n_parts"]
-    assert n_parts == 42
+    assert n_parts == 20
     complete = {p for p in range(n_parts) if store.part_complete(run_dir / "dataset.zarr", p)}
     assert 3 <= len(complete) < n_parts
     assert store.root_attrs(run_dir / "dataset.zarr")["complete"] is False
@@ -101,7 +102,7 @@ def test_killed_prepare_resumes_without_rebuilding_finished_parts(tmp_path, shar
     after = part_mtimes(run_dir)
     assert {k: after[k] for k in before} == before  # finished parts were not rebuilt
     r = store.DatasetReader(run_dir / "dataset.zarr")
-    assert len(r) == 822 and len(set(str(x) for x in r.ids)) == 822
+    assert len(r) == 240 and len(set(str(x) for x in r.ids)) == 240
 
 
 def _write_bad_jsonl(shared_data: Path, path: Path) -> list[str]:
