@@ -84,8 +84,9 @@ def periodic_neighbors(lattice: np.ndarray, frac_coords: np.ndarray, cutoff: flo
     cart = np.ascontiguousarray(np.asarray(frac_coords, dtype=np.float64) @ lattice)
     i, j, images, d = find_points_in_spheres(cart, cart, r=float(cutoff), pbc=np.array([1, 1, 1], dtype=np.int64),
                                              lattice=lattice, tol=SELF_TOL)
-    keep = d > SELF_TOL
-    return (i[keep].astype(np.int64), j[keep].astype(np.int64), np.rint(images[keep]).astype(np.int64), d[keep])
+    images = np.rint(images).astype(np.int64)
+    keep = ~((i == j) & ~images.any(axis=1))  # the atom itself (same index, same cell)
+    return i[keep].astype(np.int64), j[keep].astype(np.int64), images[keep], d[keep]
 
 
 def _widened(cutoff: float, lattice: np.ndarray) -> float:
@@ -122,6 +123,9 @@ def knn_graph(lattice: np.ndarray, frac_coords: np.ndarray, numbers: np.ndarray,
     r = min(float(cutoff), 1.3 * (3.0 * k * volume / (4.0 * np.pi * n)) ** (1.0 / 3.0))
     for _ in range(64):
         i, j, img, d = periodic_neighbors(lattice, frac, r)
+        if d.size and d.min() <= SELF_TOL:
+            a = int(np.argmin(d))
+            raise GraphError(f"atoms {int(i[a])} and {int(j[a])} sit on the same position (duplicate site)")
         if min_distance is not None and d.size and d.min() < min_distance:
             a = int(np.argmin(d))
             raise GraphError(f"atoms {int(i[a])} and {int(j[a])} are {d[a]:.3f} Å apart "

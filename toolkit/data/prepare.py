@@ -180,6 +180,8 @@ def material_record(cfg: PipelineConfig, m: Material, energy: np.ndarray) -> sto
     from toolkit.data.spectra import spectral_descriptors
 
     s = m.structure
+    if m.spectrum is not None and np.shape(m.spectrum) != (len(energy),):
+        raise ValueError(f"spectrum has shape {np.shape(m.spectrum)}, the grid has {len(energy)} points")
     g = graph_from_config(s, cfg.graph, min_distance=cfg.data.min_distance)
     props = m.properties or {}
     if m.spectrum is not None:
@@ -294,6 +296,8 @@ def finalize(cfg: PipelineConfig, run_dir: str | os.PathLike) -> dict:
     store.mark_complete(spath, {"n_materials": n, "counts": counts, "rejects_by_reason": dict(by_reason)})
     _write_json(sumpath, summary)
     log.info("prepare finalized: %d materials, %d rejected -> %s", n, n_rej, spath)
+    if n == 0:
+        log.warning("the dataset has no materials: every record was rejected (see %s)", _prep_dir(run_dir) / "rejects.csv")
     return summary
 
 
