@@ -157,3 +157,26 @@ def test_benchmark_source_attrs_and_columns(tmp_path):
         "tetrahedral", "octahedral", "cubic", "linear", "trigonal_planar", "square_planar", "other"}
     spec = r.column("spectrum")
     assert spec.shape == (24, 1501) and np.isfinite(spec).all()
+
+
+@pytest.mark.mpi
+def test_prepare_under_mpiexec_splits_parts_across_ranks(tmp_path, shared_data, repo_root):
+    import shutil
+
+    mpiexec = shutil.which("mpiexec")
+    if mpiexec is None:
+        pytest.skip("mpiexec not installed (apt-get install openmpi-bin)")
+    src = tmp_path / "mp120.jsonl"
+    src.write_text("".join((shared_data / "mp_structures" / "mp_structures.jsonl").open().readlines()[:120]))
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1", "OMPI_MCA_rmaps_base_oversubscribe": "1"}
+    out = subprocess.run([mpiexec, "-n", "2", sys.executable, "-m", "toolkit.cli", "prepare", "--run-dir", str(run_dir),
+                          "--set", "data.source=jsonl", "--set", f"data.path={src}", "--set", "data.shard_size=20"],
+                         cwd=repo_root, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = store.DatasetReader(run_dir / "dataset.zarr")
+    assert len(r) == 120 and r.n_parts == 6
+    pids = [store.part_attrs(run_dir / "dataset.zarr", p)["pid"] for p in range(6)]
+    assert len(set(pids)) == 2  # two ranks wrote ...
+    assert len(set(pids[0::2])) == 1 and len(set(pids[1::2])) == 1 and pids[0] != pids[1]  # ... parts u % 2 == rank
+    assert "MPI rank 1 of 2" in out.stderr

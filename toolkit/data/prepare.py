@@ -317,11 +317,64 @@ def _pool_context() -> mp.context.BaseContext:
     return mp.get_context("spawn")
 
 
+_MPI_ENV = (("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"), ("PMI_RANK", "PMI_SIZE"))
+
+
+def mpi_world() -> tuple[int, int] | None:
+    """(rank, world) when this process was started by an MPI launcher (mpiexec/mpirun: Open MPI,
+    MPICH/Intel MPI) with more than one rank; None otherwise."""
+    for rk, sz in _MPI_ENV:
+        if rk in os.environ and sz in os.environ and int(os.environ[sz]) > 1:
+            return int(os.environ[rk]), int(os.environ[sz])
+    return None
+
+
+def _run_mpi(cfg: PipelineConfig, run_dir: Path, rank: int, world: int) -> dict:
+    """MPI ranks: every rank builds parts ``u % world == rank``; rank 0 finalizes; all return the summary."""
+    try:
+        from mpi4py import MPI
+    except ImportError as e:  # pragma: no cover - mpi4py is a base requirement
+        raise ConfigError(f"started as MPI rank {rank} of {world} but mpi4py is not importable: {e}") from e
+    comm = MPI.COMM_WORLD
+    if comm.Get_size() != world:
+        raise ConfigError(f"MPI environment says {world} ranks but MPI.COMM_WORLD has {comm.Get_size()}")
+    error = None
+    if rank == 0:
+        record_run(cfg, run_dir, "prepare")
+    try:
+        mine = run_task(cfg, run_dir, rank, world)
+        log.info("MPI rank %d of %d: built/checked parts %s", rank, world, mine)
+    except Exception as e:  # every rank must reach the collective below, or the others hang
+        error = f"rank {rank}: {type(e).__name__}: {e}"
+    errors = [x for x in comm.allgather(error) if x]
+    if errors:
+        raise RuntimeError("prepare failed on MPI ranks (re-run to resume): " + "; ".join(errors))
+    summary: dict | None = None
+    if rank == 0:
+        try:
+            summary = finalize(cfg, run_dir)
+        except Exception as e:
+            summary = {"error": f"{type(e).__name__}: {e}"}
+    summary = comm.bcast(summary, root=0)
+    if "error" in summary:
+        raise RuntimeError(f"prepare finalize failed on rank 0: {summary['error']}")
+    return summary
+
+
 def run(cfg: PipelineConfig, run_dir: str | os.PathLike) -> dict:
-    """plan + every incomplete part on a local pool of ``cfg.data.workers`` processes + finalize."""
+    """plan + every incomplete part on a local pool of ``cfg.data.workers`` processes + finalize.
+
+    Under an MPI launcher (``mpiexec -n R spectrolens prepare ...``) each rank builds its share of
+    the parts instead (see :func:`mpi_world`) and rank 0 finalizes."""
     from tqdm import tqdm
 
     run_dir = Path(run_dir)
+    mpi = mpi_world()
+    if mpi is not None:
+        summary = _run_mpi(cfg, run_dir, *mpi)
+        if mpi[0] == 0:
+            _report_strict(cfg, run_dir, summary)
+        return summary
     record_run(cfg, run_dir, "prepare")
     n_parts = plan(cfg, run_dir)
     spath = store_path(run_dir)
@@ -353,10 +406,15 @@ def run(cfg: PipelineConfig, run_dir: str | os.PathLike) -> dict:
             raise RuntimeError(f"prepare: {len(failed)} parts failed (re-run to retry them): " +
                                "; ".join(f"part {p}: {m}" for p, m in sorted(failed.items())))
         summary = finalize(cfg, run_dir)
+    _report_strict(cfg, run_dir, summary)
+    return summary
+
+
+def _report_strict(cfg: PipelineConfig, run_dir: Path, summary: dict) -> None:
+    """--strict: print every rejected record to stderr (the CLI then exits non-zero)."""
     if cfg.data.strict and summary.get("n_rejected", 0):
         rej = read_rejects(_prep_dir(run_dir) / "rejects.csv")
         print(f"spectrolens prepare --strict: {len(rej)} rejected records "
               f"(all in {_prep_dir(run_dir) / 'rejects.csv'}):", file=sys.stderr)
         for r in rej:
             print(f"  {r.source_file},{r.record},{r.reason}", file=sys.stderr)
-    return summary
