@@ -1,0 +1,116 @@
+"""Forward+backward throughput of our ALIGNN vs upstream's pure-torch ALIGNNAtomWisePure.
+
+Same structures, same graphs (upstream's own pure-torch builder, fed to both models), same
+weights (upstream's copied into ours), same hyperparameters (the study's: 4 ALIGNN + 4 GCN
+layers, hidden 256, embedding 64, 1,501 outputs), batch 16, L1 loss against a fixed random target.
+Prints the median ms per step and structures/s of each, and the ratio ours/upstream (and writes
+them as JSON with --json, as benchmarks/collect.py does).
+
+    python benchmarks/model_step.py [--structures 64] [--batch 16] [--threads 2] [--repeats 5]
+
+Both models run in one process, interleaved per repeat, so they see the same machine state.
+glibc malloc is tuned (MALLOC_MMAP_MAX_=0, MALLOC_TRIM_THRESHOLD_) for both unless
+--no-malloc-tuning (see ../shared/notes/platform-facts.md: CPU timing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import MALLOC_ENV, SHARED_DATA, emit  # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, default=SHARED_DATA / "paper_structures", help="folder of POSCAR files")
+    ap.add_argument("--structures", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--outputs", type=int, default=1501)
+    ap.add_argument("--json", type=Path, default=None, help="also write the result as JSON (benchmarks/collect.py)")
+    ap.add_argument("--no-malloc-tuning", action="store_true")
+    args = ap.parse_args()
+
+    if not args.no_malloc_tuning and any(os.environ.get(k) != v for k, v in MALLOC_ENV.items()):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC_ENV})
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from test_model_upstream_parity import (graphbatch_from_upstream, upstream_graph_pairs,
+                                            upstream_pure_model)
+    from alignn.torch_graph_builder import batch_torch_graph_pairs
+
+    from toolkit.config import ModelConfig
+    from toolkit.model import build_model
+    from toolkit.model.checkpoint import upstream_state_dict
+
+    files = sorted(args.data.glob("POSCAR*"))[: args.structures]
+    if len(files) < args.structures:
+        print(f"only {len(files)} structures in {args.data}", file=sys.stderr)
+    t0 = time.perf_counter()
+    pairs = upstream_graph_pairs(files)
+    print(f"{len(pairs)} structures, graphs built in {time.perf_counter() - t0:.1f} s (upstream pure builder, "
+          f"cutoff 8 Å, 12 neighbours)")
+    chunks = [pairs[i: i + args.batch] for i in range(0, len(pairs), args.batch)]
+    up_batches = [batch_torch_graph_pairs(c) + (None,) for c in chunks]
+    our_batches = [graphbatch_from_upstream(c) for c in chunks]
+    n_atoms = sum(int(b.n_atoms.sum()) for b in our_batches)
+    n_edges = sum(int(b.edge_index.shape[1]) for b in our_batches)
+    n_tri = sum(int(b.line_index.shape[1]) for b in our_batches)
+    print(f"atoms {n_atoms}, bonds {n_edges}, angles {n_tri}; batch {args.batch}, threads {args.threads}, "
+          f"malloc tuning {'off' if args.no_malloc_tuning else 'on'}")
+
+    kw = dict(alignn_layers=4, gcn_layers=4, atom_input_features=92, edge_input_features=80,
+              triplet_input_features=40, embedding_features=64, hidden_features=args.hidden,
+              output_features=args.outputs)
+    torch.manual_seed(0)
+    up = upstream_pure_model(**kw).train()
+    ours = build_model(ModelConfig(**kw)).train()
+    ours.load_state_dict(upstream_state_dict(up.state_dict()), strict=True)
+    targets = [torch.randn(len(c), args.outputs) for c in chunks]
+
+    def epoch_up() -> float:
+        t = time.perf_counter()
+        for b, y in zip(up_batches, targets):
+            up.zero_grad(set_to_none=True)
+            out = up(b)["out"]
+            torch.nn.functional.l1_loss(out, y).backward()
+        return time.perf_counter() - t
+
+    def epoch_ours() -> float:
+        t = time.perf_counter()
+        for b, y in zip(our_batches, targets):
+            ours.zero_grad(set_to_none=True)
+            torch.nn.functional.l1_loss(ours(b), y).backward()
+        return time.perf_counter() - t
+
+    epoch_up(), epoch_ours()  # warm-up
+    t_up, t_ours = [], []
+    for _ in range(args.repeats):
+        t_up.append(epoch_up())
+        t_ours.append(epoch_ours())
+    m_up, m_ours = statistics.median(t_up), statistics.median(t_ours)
+    n = len(pairs)
+    emit("model_step", [
+        {"what": "forward+backward throughput (higher is better)", "unit": "structures/s",
+         "ours": n / m_ours, "upstream": n / m_up, "ratio": m_up / m_ours},
+        {"what": "median time per step", "unit": "ms", "ours": m_ours / len(chunks) * 1e3,
+         "upstream": m_up / len(chunks) * 1e3, "ratio": None},
+    ], {"structures": n, "batch": args.batch, "threads": args.threads, "repeats": args.repeats,
+        "hidden": args.hidden, "outputs": args.outputs, "malloc_tuning": not args.no_malloc_tuning,
+        "upstream_model": "alignn_atomwise_pure.ALIGNNAtomWisePure"}, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
