@@ -77,7 +77,7 @@ def _refuse_if_active(run_dir: Path) -> None:
             raise ConfigError(f"{run_dir} still has pending/running jobs ({', '.join(active[:10])}); wait for them "
                               f"or scancel them before re-running (see `spectrolens status {run_dir}`)")
     for name, s in rec.get("stages", {}).items():
-        if s.get("state") == "running" and status._pid_alive(s.get("pid")):
+        if s.get("state") == "running" and status.pid_alive(s.get("pid")):
             raise ConfigError(f"{run_dir}: stage {name} is running locally (pid {s['pid']}); wait for it or stop it")
 
 

@@ -129,7 +129,11 @@ def finalize(stage: str, cfg: PipelineConfig, run_dir: Path) -> dict:
         from toolkit.config import record_run
 
         record_run(cfg, run_dir, stage)
-        return mod.finalize(cfg, run_dir)
+        summary = mod.finalize(cfg, run_dir)
+        if stage == "prepare" and cfg.data.strict and summary.get("n_rejected", 0):
+            raise RuntimeError(f"data.strict is set and {summary['n_rejected']} records were rejected; "
+                               f"see {run_dir / 'prepare' / 'rejects.csv'}")
+        return summary
 
 
 def train_job(cfg: PipelineConfig, run_dir: Path):

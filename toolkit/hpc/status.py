@@ -9,7 +9,9 @@ cancelled, 3 still pending/running, 4 nothing recorded.
 
 from __future__ import annotations
 
+import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -72,14 +74,8 @@ def _run(cmd: list[str]) -> str:
         raise StatusError(f"{cmd[0]} not found: run `spectrolens status` on a machine with the SLURM client tools")
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     if p.returncode != 0:
-        raise StatusError(f"{shlex_join(cmd)} failed ({p.returncode}): {p.stderr.strip()}")
+        raise StatusError(f"{shlex.join(cmd)} failed ({p.returncode}): {p.stderr.strip()}")
     return p.stdout
-
-
-def shlex_join(cmd: list[str]) -> str:
-    import shlex
-
-    return shlex.join(cmd)
 
 
 def slurm_states(job_ids: list[str]) -> dict[str, tuple[str, str]]:
@@ -122,7 +118,7 @@ def rows(run_dir: Path, rec: dict[str, Any] | None = None) -> list[Row]:
             continue
         if s.get("state") == "skipped" or not s.get("jobs"):
             state = s.get("state", "unknown")
-            if state == "running" and not _pid_alive(s.get("pid")):
+            if state == "running" and not pid_alive(s.get("pid")):
                 state, detail = "failed", "runner gone (killed?)"
             else:
                 detail = "" if state != "skipped" else "complete before this run"
@@ -154,12 +150,11 @@ def _dependency_failed(live: dict[str, tuple[str, str]], stage_record: dict[str,
     return any(live.get(a, ("",))[0] in ("failed", "cancelled") for a in stage_record.get("after", []))
 
 
-def _pid_alive(pid: int | None) -> bool:
+def pid_alive(pid: int | None) -> bool:
+    """Whether a local stage's process still exists (signal 0)."""
     if not pid:
         return False
     try:
-        import os
-
         os.kill(int(pid), 0)
         return True
     except (OSError, ValueError):
