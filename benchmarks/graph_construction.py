@@ -13,7 +13,7 @@ Upstream builders take jarvis ``Atoms`` (converted before timing); ours takes th
 ``Structure``. Sizes: ours = compressed bytes on disk in a dataset.zarr part (graph arrays
 only) and raw in-memory bytes; upstream = pickled (g, lg) as its LMDB cache stores them.
 
-    python benchmarks/graph_construction.py --n 200 --repeats 5
+    python benchmarks/graph_construction.py --structures 200 --repeats 5 [--json out.json]
 """
 
 from __future__ import annotations
@@ -21,19 +21,18 @@ from __future__ import annotations
 import argparse
 import json
 import pickle
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import REPO, SHARED_DATA, emit, median_seconds  # noqa: E402
 
+sys.path.insert(0, str(REPO))
 from toolkit.data import store  # noqa: E402
 from toolkit.data.graphs import bond_cosines, line_graph_index, structure_graph  # noqa: E402
 
@@ -60,16 +59,10 @@ def ours_lg(s: Any) -> Any:
     return g, li, bond_cosines(torch.from_numpy(g.edge_vec), li)
 
 
-def time_builder(fn: Callable[[Any], Any], inputs: list[Any], repeats: int) -> tuple[float, list[float]]:
-    """Median structures/second over ``repeats`` passes (after one warm-up structure)."""
-    fn(inputs[0])
-    rates = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        for x in inputs:
-            fn(x)
-        rates.append(len(inputs) / (time.perf_counter() - t))
-    return statistics.median(rates), rates
+def rate(fn: Callable[[Any], Any], inputs: list[Any], repeats: int) -> tuple[float, list[float]]:
+    """Median structures/second over ``repeats`` passes over ``inputs`` (after one warm-up pass)."""
+    med, times = median_seconds(lambda: [fn(x) for x in inputs], repeats=repeats, warmup=1)
+    return len(inputs) / med, [len(inputs) / t for t in times]
 
 
 def our_bytes(structs: list[Any]) -> tuple[float, float]:
@@ -92,10 +85,11 @@ def our_bytes(structs: list[Any]) -> tuple[float, float]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "mp_structures" / "mp_structures.jsonl")
-    ap.add_argument("--n", type=int, default=200, help="structures")
+    ap.add_argument("--data", type=Path, default=SHARED_DATA / "mp_structures" / "mp_structures.jsonl")
+    ap.add_argument("--structures", "--n", dest="n", type=int, default=200, help="structures")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
+    ap.add_argument("--json", type=Path, default=None, help="write the results as JSON (benchmarks/run_all)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     structs = load_structures(args.data, args.n)
@@ -104,9 +98,8 @@ def main(argv: list[str] | None = None) -> int:
           f"max {max(natoms)}), k=12, cutoff 8 Å, torch threads {torch.get_num_threads()}, {args.repeats} repeats")
 
     builders: dict[str, tuple[Callable[[Any], Any], list[Any]]] = {"ours": (ours, structs), "ours+lg": (ours_lg, structs)}
-    sizes: dict[str, str] = {}
     disk, raw = our_bytes(structs)
-    sizes["ours"] = f"{disk:,.0f} B on disk (zstd), {raw:,.0f} B raw (graph arrays; no line graph stored)"
+    sizes: dict[str, float] = {"ours_disk": disk, "ours_raw": raw}
     try:
         from jarvis.core.atoms import Atoms
 
@@ -136,27 +129,33 @@ def main(argv: list[str] | None = None) -> int:
 
             builders["alignn_dgl"] = (dgl_builder, atoms)
             builders["alignn_dgl_nolg"] = (lambda a: dgl_builder(a, False), atoms)
-            pick = [len(pickle.dumps(dgl_builder(a))) for a in atoms[:50]]
-            sizes["alignn_dgl"] = f"{np.mean(pick):,.0f} B pickled (g, lg) as in its LMDB cache"
-            pick = [len(pickle.dumps(dgl_builder(a, False))) for a in atoms[:50]]
-            sizes["alignn_dgl_nolg"] = f"{np.mean(pick):,.0f} B pickled g"
+            sizes["alignn_dgl"] = float(np.mean([len(pickle.dumps(dgl_builder(a))) for a in atoms[:50]]))
+            sizes["alignn_dgl_nolg"] = float(np.mean([len(pickle.dumps(dgl_builder(a, False))) for a in atoms[:50]]))
         except Exception as e:  # noqa: BLE001 - report and go on with the other builders
             print(f"upstream DGL builder skipped: {type(e).__name__}: {e}")
 
     results = {}
     for name, (fn, inputs) in builders.items():
-        med, rates = time_builder(fn, inputs, args.repeats)
+        med, rates = rate(fn, inputs, args.repeats)
         results[name] = med
         print(f"  {name:18s} {med:9.1f} structures/s  ({1e3 / med:6.2f} ms/structure; "
               f"passes {', '.join(f'{r:.0f}' for r in rates)})")
-    print("sizes per structure:")
-    for k, v in sizes.items():
-        print(f"  {k:18s} {v}")
-    print("ratios (median structures/s, ours / upstream):")
-    for a, b in [("ours", "alignn_dgl_nolg"), ("ours+lg", "alignn_dgl"), ("ours", "alignn_pure_nolg"),
-                 ("ours+lg", "alignn_pure")]:
-        if a in results and b in results:
-            print(f"  {a:8s} vs {b:18s} {results[a] / results[b]:6.1f}x")
+    print(f"sizes per structure: ours {disk:,.0f} B on disk (zstd), {raw:,.0f} B raw (graph arrays; no line "
+          f"graph stored)" + (f"; upstream DGL pickled (g, lg) {sizes['alignn_dgl']:,.0f} B, g alone "
+                              f"{sizes['alignn_dgl_nolg']:,.0f} B (its LMDB cache)" if "alignn_dgl" in sizes else ""))
+    rows = []
+    for a, b, what in [("ours", "alignn_dgl_nolg", "atom graph build vs ALIGNN DGL k-NN builder"),
+                       ("ours+lg", "alignn_dgl", "atom + line graph vs ALIGNN DGL builder"),
+                       ("ours", "alignn_pure_nolg", "atom graph build vs ALIGNN pure-torch builder"),
+                       ("ours+lg", "alignn_pure", "atom + line graph vs ALIGNN pure-torch builder")]:
+        up = results.get(b)
+        rows.append({"what": what, "unit": "structures/s", "ours": results[a], "upstream": up,
+                     "ratio": results[a] / up if up else None})
+    if "alignn_dgl" in sizes:
+        rows.append({"what": "stored bytes/structure (ratio = upstream/ours)", "unit": "B", "ours": disk,
+                     "upstream": sizes["alignn_dgl"], "ratio": sizes["alignn_dgl"] / disk})
+    emit("graph_construction", rows, {"structures": len(structs), "repeats": args.repeats,
+                                      "threads": torch.get_num_threads(), "k": 12, "cutoff": 8.0}, args.json)
     return 0
 
 

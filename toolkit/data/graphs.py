@@ -236,10 +236,8 @@ def line_graph_index(edge_src: torch.Tensor, edge_dst: torch.Tensor, n_atoms: in
 def bond_cosines(edge_vec: torch.Tensor, line_index: torch.Tensor) -> torch.Tensor:
     """Cosine of the bond angle at the shared atom ``b`` of each line-graph edge (a->b, b->c):
     ``cos(-edge_vec[e1], edge_vec[e2])``, clamped to [-1, 1] (upstream ``compute_bond_cosines``)."""
-    r1 = -edge_vec[line_index[0]]
-    r2 = edge_vec[line_index[1]]
-    cos = (r1 * r2).sum(-1) / (torch.linalg.norm(r1, dim=-1) * torch.linalg.norm(r2, dim=-1))
-    return torch.clamp(cos, -1.0, 1.0)
+    unit = edge_vec / torch.linalg.norm(edge_vec, dim=-1, keepdim=True)  # normalise per bond (E), not per pair (T)
+    return torch.clamp(-(unit[line_index[0]] * unit[line_index[1]]).sum(-1), -1.0, 1.0)
 
 
 @lru_cache(maxsize=1)
