@@ -124,6 +124,8 @@ def test_bad_structures_raise_clear_errors():
         knn_graph(lat, np.array([[0, 0, 0], [0.01, 0, 0]]), np.array([8, 8]), min_distance=0.5)
     with pytest.raises(GraphError, match="same position"):
         knn_graph(lat, np.array([[0.1, 0, 0], [0.1, 0, 0]]), np.array([8, 8]))
+    with pytest.raises(GraphError, match="disordered"):
+        structure_graph(Structure(lat, [{"Na": 0.5, "K": 0.5}], [[0, 0, 0]]))
     with pytest.raises(GraphError, match="degenerate lattice"):
         knn_graph(np.zeros((3, 3)), np.zeros((1, 3)), np.array([8]))
     with pytest.raises(GraphError, match="no atoms"):

@@ -177,6 +177,8 @@ def structure_graph(structure: Any, cutoff: float = 8.0, max_neighbors: int = 12
                     min_distance: float | None = None, dedupe_self_images: bool = False) -> AtomGraph:
     """:func:`knn_graph` of a pymatgen ``Structure`` (or anything with ``lattice.matrix``,
     ``frac_coords`` and ``atomic_numbers``)."""
+    if getattr(structure, "is_ordered", True) is False:
+        raise GraphError("disordered structure (partial site occupancies): an atom graph needs one element per site")
     return knn_graph(structure.lattice.matrix, structure.frac_coords, np.asarray(structure.atomic_numbers),
                      cutoff=cutoff, max_neighbors=max_neighbors, min_distance=min_distance,
                      dedupe_self_images=dedupe_self_images)
