@@ -114,10 +114,11 @@ def part_arrays(records: list[MaterialRecord], grid_num: int) -> dict[str, np.nd
     groups = sorted({(g, k) for r in records for g, d in r.extras.items() for k in d})
     for g, k in groups:
         vals = [r.extras.get(g, {}).get(k) for r in records]
-        if all(isinstance(v, str) or v is None for v in vals):  # categorical: "" = missing
-            out[f"{g}/{k}"] = str_array("" if v is None else v for v in vals)
+        name = f"{g}/{k.replace('/', '_')}"
+        if any(isinstance(v, str) for v in vals):  # categorical (or mixed): strings, "" = missing
+            out[name] = str_array("" if v is None else str(v) for v in vals)
         else:  # numeric: NaN = missing
-            out[f"{g}/{k}"] = np.array([np.nan if v is None else float(v) for v in vals], dtype=np.float64)
+            out[name] = np.array([np.nan if v is None else float(v) for v in vals], dtype=np.float64)
     return out
 
 
