@@ -124,12 +124,22 @@ def test_sigusr1_mid_epoch_checkpoints_and_resumes_exactly(prepared, tmp_path, m
         return loss
 
     monkeypatch.setattr(Trainer, "_train_step", step_then_signal)
-    with pytest.raises(TrainingInterrupted) as exc:
-        run(cfg, b)
+    chained: list[tuple[int, bool]] = []  # the handler that was there before (submitit's requeue under submitit)
+
+    def previous(signum, frame):
+        chained.append((signum, (b / "train" / "checkpoints" / "last.pt").exists()))
+
+    old = signal.signal(signal.SIGUSR1, previous)
+    try:
+        with pytest.raises(TrainingInterrupted) as exc:
+            run(cfg, b)
+        assert signal.getsignal(signal.SIGUSR1) is previous  # handlers restored
+    finally:
+        signal.signal(signal.SIGUSR1, old)
     assert exc.value.code == 75 and exc.value.signum == signal.SIGUSR1
+    assert chained == [(signal.SIGUSR1, True)]  # called once, after the checkpoint was written
     st = last_state(b)
     assert (st["epoch"], st["batch_in_epoch"], st["step"]) == (1, 3, 11)  # saved at the next batch boundary
-    assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL  # handlers restored
     monkeypatch.setattr(Trainer, "_train_step", real_step)
     run(cfg, b)
     assert_same_weights(a, b)
@@ -219,3 +229,20 @@ def test_non_finite_loss_names_the_materials_and_keeps_the_last_good_checkpoint(
     after = last_state(d)
     assert after["step"] == good["step"]
     assert all(torch.equal(after["model"][k], good["model"][k]) for k in good["model"])
+
+
+def test_trainjob_runs_under_submitit_and_requeues_itself(prepared, tmp_path):
+    import submitit
+
+    from toolkit.train import TrainJob
+
+    cfg = tiny_cfg("train.epochs=1")
+    d = fresh_run(prepared, tmp_path, "submitit")
+    job = TrainJob(cfg, d)
+    again = job.checkpoint()
+    assert isinstance(again, submitit.helpers.DelayedSubmission)
+    assert isinstance(again.function, TrainJob) and again.function.run_dir == d and again.function.cfg == cfg
+    ex = submitit.AutoExecutor(folder=tmp_path / "submitit", cluster="local")
+    ex.update_parameters(timeout_min=10)
+    result = ex.submit(job).result()  # a real submitit job process
+    assert result["test_n_materials"] == 4 and (d / "train" / "best.pt").is_file()
