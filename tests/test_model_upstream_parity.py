@@ -18,7 +18,7 @@ import torch
 from toolkit.config import ModelConfig
 from toolkit.data.batch import GraphBatch
 from toolkit.model import build_model, load_upstream_checkpoint
-from toolkit.model.checkpoint import CheckpointError, upstream_state_dict
+from toolkit.model.checkpoint import CheckpointError, load_matching, upstream_state_dict
 
 pytestmark = pytest.mark.upstream
 alignn_pure = pytest.importorskip("alignn.models.alignn_atomwise_pure")
@@ -63,9 +63,12 @@ def upstream_pure_model(**kw):
 
 @pytest.fixture(scope="module")
 def poscars(shared_data: Path) -> list[Path]:
-    files = sorted((shared_data / "paper_structures").glob("POSCAR_*.vasp"))
-    assert len(files) >= 6, "paper_structures should hold the study's POSCARs"
-    return files[:6]
+    """Six of the study's structures (small cells, 6-10 atoms, keep the test fast)."""
+    names = ["AlPO4_mp-7848", "AlSbO4_mp-676861", "AlCuSe2_mp-8016", "Ba(SbO3)2_mp-9127", "Al2O3_mp-1143",
+             "Ba(CuO)2_mp-7374"]
+    files = [shared_data / "paper_structures" / f"POSCAR_{n}.vasp" for n in names]
+    assert all(f.is_file() for f in files), "paper_structures should hold the study's POSCARs"
+    return files
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +175,7 @@ def test_mismatched_config_is_refused_with_reason(tmp_path):
     kw = dict(STUDY, alignn_layers=1, gcn_layers=1, hidden_features=32, output_features=20)
     up = upstream_pure_model(**kw)
     pt, cfgp = _write_upstream_run(tmp_path, up, dict(name="alignn_atomwise", **dict(kw, hidden_features=48)))
-    with pytest.raises(CheckpointError, match=r"shape mismatch.*best_model.pt|best_model.pt.*shape mismatch"):
+    with pytest.raises(CheckpointError, match=r"best_model.pt.*shape/value mismatch"):
         load_upstream_checkpoint(pt, cfgp)
     cfgp.write_text(json.dumps({"model": dict(name="alignn_atomwise", **kw, extra_features=4)}))
     with pytest.raises(CheckpointError, match="extra_features"):
@@ -180,3 +183,7 @@ def test_mismatched_config_is_refused_with_reason(tmp_path):
     cfgp.write_text(json.dumps({"model": dict(name="ealignn_atomwise", **kw)}))
     with pytest.raises(CheckpointError, match="not supported"):
         load_upstream_checkpoint(pt, cfgp)
+    # same shapes, other bond-length RBF range: the centres buffer gives it away
+    other = build_model(ModelConfig(**kw, cutoff=6.0))
+    with pytest.raises(CheckpointError, match="RBF centres"):
+        load_matching(other, upstream_state_dict(up.state_dict()))

@@ -90,8 +90,8 @@ class EdgeGatedGraphConv(nn.Module):
         x_v'   = x_v + SiLU(LN(W_su x_v + h_v))
         y_uv'  = y_uv + SiLU(LN(m_uv))
 
-    The four node-side linear maps run as two GEMMs on concatenated weights (the parameters stay
-    separate, as upstream). Returns ``(x', y')``.
+    The four node-side linear maps run as one GEMM on concatenated weights (the parameters stay
+    separate, as upstream). ``g`` is the graph's ``(src, dst)`` index pair. Returns ``(x', y')``.
     """
 
     def __init__(self, input_features: int, output_features: int, residual: bool = True) -> None:

@@ -191,6 +191,10 @@ def load_matching(model: nn.Module, sd: Mapping[str, torch.Tensor], where: str =
     unexpected = sorted(set(sd) - set(own))
     shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
               for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+    shapes += [f"{k}: RBF centres differ (checkpoint {sd[k][0]:.3g}..{sd[k][-1]:.3g}, model "
+               f"{own[k][0]:.3g}..{own[k][-1]:.3g})" for k in own
+               if k.endswith("centers") and k in sd and sd[k].shape == own[k].shape
+               and not torch.allclose(sd[k].float(), own[k].float(), atol=1e-6)]
     if missing or unexpected or shapes:
         parts = []
         if missing:
@@ -198,7 +202,7 @@ def load_matching(model: nn.Module, sd: Mapping[str, torch.Tensor], where: str =
         if unexpected:
             parts.append(f"unexpected {len(unexpected)} (e.g. {unexpected[:3]})")
         if shapes:
-            parts.append(f"shape mismatch {len(shapes)} (e.g. {shapes[:3]})")
+            parts.append(f"shape/value mismatch {len(shapes)} (e.g. {shapes[:3]})")
         raise CheckpointError(f"{where} does not match the model: " + "; ".join(parts))
     model.load_state_dict(sd, strict=True)
 
