@@ -103,3 +103,23 @@ def test_two_rank_ddp_resumes_exactly_after_sigusr1(prepared, tmp_path):
     assert "resumed from" in (d / "logs" / "train" / "rank1.log").read_text()
     a, b = rank_hashes(straight), rank_hashes(d)
     assert a[0]["weights_sha256"] == b[0]["weights_sha256"] == b[1]["weights_sha256"]
+
+
+@pytest.mark.mpi
+@pytest.mark.slow
+def test_two_rank_training_under_mpiexec(prepared, tmp_path):
+    import shutil
+
+    if not shutil.which("mpiexec"):
+        pytest.fail("mpiexec not found: run scripts/setup.sh --test (installs openmpi-bin)")
+    d = new_run(prepared, tmp_path, "mpi")
+    cmd = ["mpiexec", "-n", "2", sys.executable, "-m", "toolkit.cli", "train", "-r", str(d)]
+    for s in TINY + ["train.epochs=1"]:
+        cmd += ["--set", s]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "MASTER_"))}
+    env.update(OMP_NUM_THREADS="1", OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    r0, r1 = rank_hashes(d)
+    assert r0["launcher"] == r1["launcher"] == "mpi" and r0["world_size"] == 2
+    assert r0["weights_sha256"] == r1["weights_sha256"]
