@@ -56,12 +56,14 @@ def test_structures_are_valid_and_varied(materials: list[Material]) -> None:
         # formula is charge balanced with the planted oxidation states
         ox = {el: q for (el, q) in bm.CATIONS if el in m.structure.composition.as_dict()}
         assert m.properties["cation"] in ox
-        d = m.properties["bond_length_mean"]
         s = m.structure
         cat = [i for i, site in enumerate(s) if site.specie.symbol == m.properties["cation"]]
         an = [i for i, site in enumerate(s) if site.specie.symbol == m.properties["anion_element"]]
-        # the planted bond length is the structure's shortest active-cation–anion distance (± displacement)
-        assert s.distance_matrix[np.ix_(cat, an)].min() == pytest.approx(d, abs=0.08)
+        # planted bond lengths = the structure's (± the 0.01 Å displacements): shortest active-cation–anion
+        # distance, and the mean first-shell cation–anion bond over all cations
+        assert s.distance_matrix[np.ix_(cat, an)].min() == pytest.approx(m.properties["bond_length_active"], abs=0.08)
+        roles = tuple("X" if site.specie.symbol == m.properties["anion_element"] else "A" for site in s)
+        assert bm._mean_bond(s, roles) == pytest.approx(m.properties["bond_length_mean"], abs=0.03)
 
 
 def test_onset_follows_the_documented_rule_and_range(cfg: DataConfig, materials: list[Material]) -> None:
@@ -70,7 +72,10 @@ def test_onset_follows_the_documented_rule_and_range(cfg: DataConfig, materials:
     assert onsets.min() < 2.0 and onsets.max() > 7.0  # wide range (about 1-8 eV)
     for m in materials[:40]:
         p = m.properties
-        e0 = bm.onset_rule(p["anion"], p["cation_class"], p["bond_length_mean"])
+        shifts = [bm.ONSET_CATION[bm.cation_class(el, ox)] for (el, ox) in bm.CATIONS
+                  if el in m.structure.composition.as_dict() and bm.cation_class(el, ox) == p["cation_class"]]
+        assert shifts and (p["cation_shift"] == shifts[0] or p["prototype"] in ("perovskite", "spinel"))
+        e0 = bm.onset_rule(p["anion"], p["cation_shift"], p["bond_length_mean"])
         assert p["onset_param"] == pytest.approx(e0)
         clean = bm.clean_spectrum(e, e0, p["coordination"], p["anion"])
         d = spectral_descriptors(e, clean, threshold=cfg.onset_threshold, log_floor=cfg.log_floor)

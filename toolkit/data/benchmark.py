@@ -16,7 +16,8 @@ Generation of material ``i`` (all rules and constants are documented in docs/ben
 3. Noise-free spectrum on the target grid (log10 α, α in cm^-1)::
 
        y(E) = floor + H σ((E − E0)/w + s0) + h1 G(E; p1, 0.5) + h2 G(E; p2, 0.7)
-       E0 = A[anion] + C[cation_class] − β (d − 2.4 Å)
+       E0 = A[anion] + C̄ − β (d̄ − 2.4 Å)      C̄: C[cation_class] averaged over the formula's cations
+                                             d̄: mean first-shell cation–anion bond length (Å)
        w  = W[coordination],  p1 = E0 + D1[coordination],  p2 = p1 + D2[anion]
 
    with σ the logistic function, G a unit-height Gaussian, s0 = logit((threshold − floor)/H) so the
@@ -115,6 +116,7 @@ class Prototype:
     active: str
     coordination: str
     anions: tuple[str, ...]
+    bond_ratio: float = 1.0  # mean first-shell cation–anion bond length / shortest active bond
 
 
 def _fcc(a: float) -> np.ndarray:
@@ -141,8 +143,22 @@ def _normalise(name: str, lattice: np.ndarray, frac: np.ndarray, roles: tuple[st
     anion = np.array([r == "X" for r in roles])
     dm = s.distance_matrix[act][:, anion]
     scale = 1.0 / float(dm.min())
+    s.scale_lattice(s.volume * scale ** 3)
     return Prototype(name=name, lattice=np.asarray(lattice) * scale, frac=np.asarray(frac, dtype=float),
-                     roles=roles, **kw)
+                     roles=roles, bond_ratio=_mean_bond(s, roles), **kw)
+
+
+def _mean_bond(s: Structure, roles: tuple[str, ...], shell: float = 1.15) -> float:
+    """Mean cation–anion bond length over every cation's first shell (bonds within ``shell`` x that
+    cation's shortest anion distance), counting each bond once per cation (periodic images included)."""
+    centers, neighbors, _, dists = s.get_neighbor_list(r=2.5 * (s.volume / len(s)) ** (1 / 3))
+    roles_arr = np.array(roles)
+    pair = (roles_arr[centers] != "X") & (roles_arr[neighbors] == "X")
+    c, d = centers[pair], dists[pair]
+    nearest = np.full(len(roles), np.inf)
+    np.minimum.at(nearest, c, d)
+    first = d <= shell * nearest[c]
+    return float(d[first].mean())
 
 
 @lru_cache(maxsize=1)
@@ -277,9 +293,13 @@ def _soft_clamp(x: float, lo: float, hi: float, k: float = 0.3) -> float:
     return hi - k * math.log1p(math.exp((hi - x) / k)) if hi - x < 20 * k else x
 
 
-def onset_rule(anion_class: str, cation_cls: str, bond_length: float) -> float:
-    """E0 (eV) = A[anion] + C[cation_class] − β (d − 2.4 Å), smoothly clamped to [0.8, 9] eV."""
-    raw = ONSET_ANION[anion_class] + ONSET_CATION[cation_cls] - BOND_SLOPE * (bond_length - BOND_REF)
+def onset_rule(anion_class: str, cation_shift: float | str, bond_length_mean: float) -> float:
+    """E0 (eV) = A[anion] + C̄ − β (d̄ − 2.4 Å), smoothly clamped to [0.8, 9] eV.
+
+    C̄ is the cation shift averaged over the formula's cations (``cation_shift``; a class name gives
+    C[class]), d̄ the mean first-shell cation–anion bond length (Å)."""
+    c = ONSET_CATION[cation_shift] if isinstance(cation_shift, str) else float(cation_shift)
+    raw = ONSET_ANION[anion_class] + c - BOND_SLOPE * (bond_length_mean - BOND_REF)
     return _soft_clamp(raw, ONSET_MIN, ONSET_MAX)
 
 
@@ -350,7 +370,10 @@ def generate(cfg: Any, index: int, energy: np.ndarray | None = None) -> Material
     frac = proto.frac + disp @ np.linalg.inv(lattice)
     structure = Structure(Lattice(lattice), species, frac)
     cls = cation_class(act_el, act_ox)
-    e0 = onset_rule(an_class, cls, d)
+    n_cat = sum(proto.stoich[r] for r in cations)
+    c_shift = sum(proto.stoich[r] * ONSET_CATION[cation_class(*cations[r])] for r in cations) / n_cat
+    d_mean = d * proto.bond_ratio
+    e0 = onset_rule(an_class, c_shift, d_mean)
     clean = clean_spectrum(energy, e0, proto.coordination, an_class,
                            threshold=dc.onset_threshold, log_floor=dc.log_floor)
     observed = clean + rng.normal(0.0, bc.noise, size=clean.shape) if bc.noise > 0 else clean
@@ -366,7 +389,8 @@ def generate(cfg: Any, index: int, energy: np.ndarray | None = None) -> Material
     props = {
         "prototype": proto.name, "anion": an_class, "anion_element": anion, "cation": act_el,
         "cation_oxidation": int(act_ox), "cation_class": cls, "coordination": proto.coordination,
-        "bond_length_mean": float(d), "strain": strain, "onset_param": float(e0), "onset": float(on),
+        "bond_length_active": float(d), "bond_length_mean": float(d_mean), "cation_shift": float(c_shift),
+        "strain": strain, "onset_param": float(e0), "onset": float(on),
         "edge_integral": float(np.trapezoid(edge, dx=0.01)) if inside else float("nan"),
         "peak_1": float(p1) if p1 <= energy[-1] else float("nan"),
         "peak_2": float(p2) if p2 <= energy[-1] else float("nan"),
@@ -380,7 +404,8 @@ def generate(cfg: Any, index: int, energy: np.ndarray | None = None) -> Material
 
 #: the planted per-material factors (Material.properties keys; the store's benchmark/<factor>)
 FACTORS = ("prototype", "anion", "anion_element", "cation", "cation_oxidation", "cation_class", "coordination",
-           "bond_length_mean", "strain", "onset_param", "onset", "edge_integral", "peak_1", "peak_2")
+           "bond_length_active", "bond_length_mean", "cation_shift", "strain", "onset_param", "onset",
+           "edge_integral", "peak_1", "peak_2")
 
 
 def benchmark_truth(cfg: Any) -> dict:
@@ -394,7 +419,8 @@ def benchmark_truth(cfg: Any) -> dict:
         "noise_model": "additive Gaussian N(0, noise^2) on log10(alpha) at every grid point, after the floor",
         "features": {
             "onset": {"drivers": ["anion:*", "cation_class:*", "bond_length_mean"],
-                      "rule": "E0 = A[anion] + C[cation_class] - 1.5 eV/A * (d - 2.4 A), soft-clamped to [0.8, 9] eV"},
+                      "rule": "E0 = A[anion] + mean over cations of C[cation_class] - 1.5 eV/A * (bond_length_mean - "
+                              "2.4 A), soft-clamped to [0.8, 9] eV"},
             "edge_integral": {"drivers": ["coordination:*"],
                               "rule": "edge width W[coordination] and first-peak offset D1[coordination]"},
             "peak_1": {"drivers": ["anion:*", "cation_class:*", "bond_length_mean", "coordination:*"],
