@@ -67,15 +67,15 @@ def resample(energy: np.ndarray, values: np.ndarray, target: np.ndarray) -> np.n
         return np.full(out_shape, np.nan)
     i = np.clip(np.searchsorted(e, t, side="right") - 1, 0, e.shape[0] - 2)
     frac = (t - e[i]) / (e[i + 1] - e[i])
-    if v.ndim > 1:
-        frac = frac.reshape(frac.shape + (1,) * (v.ndim - 1))
     lo, hi = v[i], v[i + 1]
+    f = frac.reshape(frac.shape + (1,) * (v.ndim - 1))
     with np.errstate(invalid="ignore"):
-        out = np.where(frac == 0, lo, np.where(frac == 1, hi, lo + frac * (hi - lo)))
-    inside = (t >= e[0]) & (t <= e[-1])
-    if v.ndim > 1:
-        inside = inside.reshape(inside.shape + (1,) * (v.ndim - 1))
-    return np.where(inside, out, np.nan)
+        out = lo + f * (hi - lo)
+    exact_lo, exact_hi = frac == 0, frac == 1  # on a source point: its value alone (a NaN neighbour is irrelevant)
+    out[exact_lo] = lo[exact_lo]
+    out[exact_hi] = hi[exact_hi]
+    out[(t < e[0]) | (t > e[-1])] = np.nan
+    return out.reshape(out_shape)
 
 
 def nk_from_eps(eps1: np.ndarray, eps2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
