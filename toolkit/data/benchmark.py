@@ -344,6 +344,26 @@ def index_of(key: str) -> int:
     return int(key[6:])
 
 
+def _choose(rng: np.random.Generator) -> tuple[Prototype, str, dict[str, tuple[str, int]]]:
+    """Prototype, anion element and {role: (cation, oxidation)}, each uniform among the allowed."""
+    protos = prototypes()
+    proto = protos[int(rng.integers(len(protos)))]
+    table = recipes()[proto.name]
+    anions = sorted(table)
+    anion = anions[int(rng.integers(len(anions)))]
+    combo = table[anion][int(rng.integers(len(table[anion])))]
+    return proto, anion, dict(zip(sorted(r for r in proto.stoich if r != "X"), combo))
+
+
+def _structure(proto: Prototype, anion: str, cations: dict[str, tuple[str, int]], d: float,
+               rng: np.random.Generator) -> Structure:
+    """The prototype scaled to active bond length ``d`` (Å), atoms displaced by N(0, DISPLACEMENT²)."""
+    lattice = proto.lattice * d
+    species = [_element(anion if r == "X" else cations[r][0]) for r in proto.roles]
+    disp = rng.normal(0.0, DISPLACEMENT, size=proto.frac.shape)
+    return Structure(Lattice(lattice), species, proto.frac + disp @ np.linalg.inv(lattice))
+
+
 def generate(cfg: Any, index: int, energy: np.ndarray | None = None) -> Material:
     """Benchmark material ``index`` for ``cfg`` (DataConfig or PipelineConfig); deterministic."""
     dc = _data_cfg(cfg)
@@ -351,24 +371,13 @@ def generate(cfg: Any, index: int, energy: np.ndarray | None = None) -> Material
     if energy is None:
         energy = energy_grid(dc.grid.start, dc.grid.stop, dc.grid.num)
     rng = np.random.default_rng([bc.seed, index])
-    protos = prototypes()
-    table = recipes()
-    proto = protos[int(rng.integers(len(protos)))]
-    anions = sorted(table[proto.name])
-    anion = anions[int(rng.integers(len(anions)))]
-    combos = table[proto.name][anion]
-    combo = combos[int(rng.integers(len(combos)))]
-    cations = dict(zip(sorted(r for r in proto.stoich if r != "X"), combo))
+    proto, anion, cations = _choose(rng)
     act_el, act_ox = cations[proto.active]
     an_class, an_q = ANIONS[anion]
     d0 = shannon_radius(act_el, act_ox, proto.cn[proto.active]) + shannon_radius(anion, an_q, 6)
     strain = float(rng.uniform(-STRAIN, STRAIN))
     d = d0 * (1.0 + strain)
-    lattice = proto.lattice * d
-    species = [_element(anion if r == "X" else cations[r][0]) for r in proto.roles]
-    disp = rng.normal(0.0, DISPLACEMENT, size=proto.frac.shape)
-    frac = proto.frac + disp @ np.linalg.inv(lattice)
-    structure = Structure(Lattice(lattice), species, frac)
+    structure = _structure(proto, anion, cations, d, rng)
     cls = cation_class(act_el, act_ox)
     n_cat = sum(proto.stoich[r] for r in cations)
     c_shift = sum(proto.stoich[r] * ONSET_CATION[cation_class(*cations[r])] for r in cations) / n_cat
