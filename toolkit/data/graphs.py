@@ -36,10 +36,12 @@ import json
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch is imported where it is used: prepare workers build graphs without it
+    import torch
 
 SHELL_TOL = 1e-6  # Å; neighbours within this of the k-th neighbour's distance count as the k-th shell
 SELF_TOL = 1e-8  # Å; a "neighbour" this close is the atom itself
@@ -204,6 +206,8 @@ def _line_graph_numpy(src: np.ndarray, dst: np.ndarray, n_atoms: int) -> np.ndar
 
 
 def _line_graph_torch(src: torch.Tensor, dst: torch.Tensor, n_atoms: int) -> torch.Tensor:
+    import torch
+
     dev = src.device
     by_src = torch.argsort(src, stable=True)
     out_deg = torch.bincount(src, minlength=n_atoms)
@@ -226,6 +230,8 @@ def line_graph_index(edge_src: torch.Tensor, edge_dst: torch.Tensor, n_atoms: in
     global edge indices, grouped by ``e1`` in increasing order, on the device of the input.
     CPU tensors go through numpy (torch's CPU ``repeat_interleave`` is ~50x slower here).
     """
+    import torch
+
     edge_src = torch.as_tensor(edge_src).long()
     edge_dst = torch.as_tensor(edge_dst).long()
     if edge_src.shape[0] == 0:
@@ -238,6 +244,8 @@ def line_graph_index(edge_src: torch.Tensor, edge_dst: torch.Tensor, n_atoms: in
 def bond_cosines(edge_vec: torch.Tensor, line_index: torch.Tensor) -> torch.Tensor:
     """Cosine of the bond angle at the shared atom ``b`` of each line-graph edge (a->b, b->c):
     ``cos(-edge_vec[e1], edge_vec[e2])``, clamped to [-1, 1] (upstream ``compute_bond_cosines``)."""
+    import torch
+
     unit = edge_vec / torch.linalg.norm(edge_vec, dim=-1, keepdim=True)  # normalise per bond (E), not per pair (T)
     return torch.clamp(-(unit[line_index[0]] * unit[line_index[1]]).sum(-1), -1.0, 1.0)
 
