@@ -208,6 +208,12 @@ def test_changed_config_refuses_to_resume(prepared, tmp_path):
     run(tiny_cfg(), d, stop_after_epoch=1)
     with pytest.raises(ckpt.CheckpointError, match=r"train.learning_rate: 0.003 -> 0.01"):
         run(tiny_cfg("train.learning_rate=0.01"), d)
+    last = d / "train" / "checkpoints" / "last.pt"
+    state = last_state(d)
+    state["world_size"] = 2  # as if written by a 2-rank run
+    ckpt.atomic_save(state, last)
+    with pytest.raises(ckpt.CheckpointError, match=r"2 rank\(s\), this run has 1"):
+        run(tiny_cfg(), d)
 
 
 def test_non_finite_loss_names_the_materials_and_keeps_the_last_good_checkpoint(prepared, tmp_path):

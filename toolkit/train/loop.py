@@ -166,21 +166,18 @@ class Trainer:
             return False
         c = ckpt.load(self.last_path, ckpt.TRAIN_FORMAT)
         ckpt.check_resumable(c["config"], self.cfg.model_dump_json(), self.last_path)
+        if c["world_size"] != self.env.world_size:  # global batch, data slices and schedule length all differ
+            raise ckpt.CheckpointError(
+                f"checkpoint {self.last_path} was written by a run with {c['world_size']} rank(s), this run has "
+                f"{self.env.world_size}: resume with {c['world_size']} rank(s), or use a new run directory")
         self.raw_model.load_state_dict(c["model"])
         self.optimizer.load_state_dict(c["optimizer"])
         if self.scheduler:
             self.scheduler.load_state_dict(c["scheduler"])
         self.loaders.load_sampler_state(c["sampler"])
-        rngs = c["rng"]
-        same_world = c["world_size"] == self.env.world_size
-        if same_world:
-            ckpt.restore_rng(rngs[self.env.rank])
-        else:
-            log.warning("checkpoint %s was written by %d rank(s), this run has %d: resuming, but not bit-exactly",
-                        self.last_path, c["world_size"], self.env.world_size)
-            ckpt.restore_rng(rngs[0])
+        ckpt.restore_rng(c["rng"][self.env.rank])
         self.state = TrainState(c["epoch"], c["step"], c["batch_in_epoch"], c["best_val"], c["best_epoch"],
-                                c["finished"], float(c["loss_sum"][self.env.rank if same_world else 0]), c["loss_n"])
+                                c["finished"], float(c["loss_sum"][self.env.rank]), c["loss_n"])
         log.info("resumed from %s: epoch %d, batch %d, step %d", self.last_path, self.state.epoch,
                  self.state.batch_in_epoch, self.state.step)
         return True

@@ -15,9 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.metrics import r2_score
 
-from toolkit.data.spectra import onset_energy
 
 
 def json_safe(obj):
@@ -50,6 +48,10 @@ def onset_metrics(energy: np.ndarray, pred: np.ndarray, target: np.ndarray, thre
 
     The prediction is masked where the reference is, so both onsets are computed on the same points.
     Returns per-material onsets and R^2 / MAE over materials where both onsets exist."""
+    from sklearn.metrics import r2_score  # lazy (with scipy): keeps `import toolkit.train` light
+
+    from toolkit.data.spectra import onset_energy
+
     pred_masked = np.where(np.isfinite(target), pred, np.nan)
     on_pred = np.atleast_1d(onset_energy(energy, pred_masked, threshold))
     on_true = np.atleast_1d(onset_energy(energy, target, threshold))
