@@ -63,12 +63,12 @@ def check_stages(stages: list[str]) -> list[Stage]:
 
 @contextlib.contextmanager
 def task_log(run_dir: Path, stage: str, name: str) -> Iterator[Path]:
-    """Copy ``toolkit`` log records of this process to ``RUN_DIR/logs/<stage>/<name>.log``."""
+    """Copy this process's log records (INFO and above, every logger) to ``RUN_DIR/logs/<stage>/<name>.log``."""
     path = Path(run_dir) / "logs" / stage / f"{name}.log"
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter(f"%(asctime)s {stage}/{name} %(levelname)s %(name)s: %(message)s"))
-    logger = logging.getLogger("toolkit")
+    logger = logging.getLogger()  # root: the stages log under "toolkit.*" and "spectrolens.*"
     old = logger.level
     if logger.getEffectiveLevel() > logging.INFO:
         logger.setLevel(logging.INFO)
