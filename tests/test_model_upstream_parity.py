@@ -132,7 +132,7 @@ def _write_upstream_run(tmp_path: Path, model: torch.nn.Module, model_section: d
     torch.save(model.state_dict(), pt)
     tc = TrainingConfig(model=model_section, atom_features="cgcnn")
     cfgp = tmp_path / "config.json"
-    cfgp.write_text(json.dumps(json.loads(json.dumps(tc.dict(), default=str)), indent=4))
+    cfgp.write_text(json.dumps(tc.model_dump(mode="json"), indent=4))  # upstream: config.dict()
     return pt, cfgp
 
 
@@ -182,6 +182,11 @@ def test_mismatched_config_is_refused_with_reason(tmp_path):
         load_upstream_checkpoint(pt, cfgp)
     cfgp.write_text(json.dumps({"model": dict(name="ealignn_atomwise", **kw)}))
     with pytest.raises(CheckpointError, match="not supported"):
+        load_upstream_checkpoint(pt, cfgp)
+    # a whole pickled model object (not a state_dict) would need arbitrary unpickling: refused
+    torch.save(up, pt)
+    cfgp.write_text(json.dumps({"model": dict(name="alignn_atomwise", **kw)}))
+    with pytest.raises(CheckpointError, match="arbitrary code"):
         load_upstream_checkpoint(pt, cfgp)
     # same shapes, other bond-length RBF range: the centres buffer gives it away
     other = build_model(ModelConfig(**kw, cutoff=6.0))
