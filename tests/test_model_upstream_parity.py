@@ -18,7 +18,7 @@ import torch
 from toolkit.config import ModelConfig
 from toolkit.data.batch import GraphBatch
 from toolkit.model import build_model, load_upstream_checkpoint
-from toolkit.model.checkpoint import CheckpointError, load_matching, upstream_state_dict
+from toolkit.model.checkpoint import CheckpointError, load_matching, upstream_graph_config, upstream_state_dict
 
 pytestmark = pytest.mark.upstream
 alignn_pure = pytest.importorskip("alignn.models.alignn_atomwise_pure")
@@ -145,6 +145,10 @@ def test_load_upstream_checkpoint_from_files(tmp_path, pairs):
     pt, cfgp = _write_upstream_run(tmp_path, up, section)
     model, cfg = load_upstream_checkpoint(pt, cfgp)
     assert (cfg.alignn_layers, cfg.gcn_layers, cfg.hidden_features, cfg.output_features) == (1, 1, 32, 20)
+    gcfg = upstream_graph_config(cfgp)  # upstream TrainingConfig defaults: k-nearest, 12 neighbours
+    assert gcfg.max_neighbors == 12 and gcfg.cutoff == json.loads(cfgp.read_text())["cutoff"]
+    with pytest.raises(CheckpointError, match="neighbor_strategy"):
+        upstream_graph_config({"neighbor_strategy": "radius_graph", "cutoff": 5.0})
     from alignn.torch_graph_builder import batch_torch_graph_pairs
 
     with torch.no_grad():

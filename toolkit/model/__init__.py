@@ -15,10 +15,11 @@ from toolkit.model.checkpoint import (
     load_state_dict_file,
     load_upstream_checkpoint,
     save_state_dict_file,
+    upstream_graph_config,
 )
 
 __all__ = ["ALIGNN", "CheckpointError", "build_model", "capture_modules", "layer_names",
-           "load_state_dict_file", "load_upstream_checkpoint", "save_state_dict_file"]
+           "load_state_dict_file", "load_upstream_checkpoint", "save_state_dict_file", "upstream_graph_config"]
 
 
 def model_kwargs(cfg: ModelConfig, output_features: int | None = None) -> dict:

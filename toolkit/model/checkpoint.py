@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from toolkit.config import ModelConfig
+from toolkit.config import GraphConfig, ModelConfig
 
 
 class CheckpointError(ValueError):
@@ -107,21 +107,44 @@ def _upstream_model_section(cfg: Mapping[str, Any], where: str) -> Mapping[str, 
     raise CheckpointError(f"{where}: no 'model' section (expected upstream ALIGNN's config.json)")
 
 
+def _read_upstream_config(config_json: str | Path | Mapping[str, Any]) -> tuple[Mapping[str, Any], str]:
+    if isinstance(config_json, Mapping):
+        return config_json, "upstream config"
+    where = str(config_json)
+    try:
+        raw = json.loads(Path(config_json).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"upstream config {where} does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"upstream config {where} is not valid JSON: {e}") from None
+    if not isinstance(raw, Mapping):
+        raise CheckpointError(f"upstream config {where} must hold a JSON object")
+    return raw, where
+
+
+def upstream_graph_config(config_json: str | Path | Mapping[str, Any]) -> GraphConfig:
+    """The :class:`GraphConfig` that reproduces the graphs of an upstream ALIGNN training run
+    (``config.json``: ``neighbor_strategy``, ``cutoff``, ``max_neighbors``, ``use_canonize``).
+    Only upstream's default k-nearest strategy with canonised (undirected) edges is reproduced;
+    anything else raises :class:`CheckpointError`."""
+    raw, where = _read_upstream_config(config_json)
+    strategy = raw.get("neighbor_strategy", "k-nearest")
+    if strategy != "k-nearest":
+        raise CheckpointError(f"{where}: neighbor_strategy={strategy!r} is not supported; spectrolens builds "
+                              f"upstream's 'k-nearest' graphs only (toolkit.data.graphs)")
+    if raw.get("use_canonize", True) is not True:
+        raise CheckpointError(f"{where}: use_canonize=false (directed k-NN edges) is not supported")
+    kw = {k: raw[k] for k in ("cutoff", "max_neighbors") if raw.get(k) is not None}
+    try:
+        return GraphConfig(**kw)
+    except ValueError as e:
+        raise CheckpointError(f"{where}: graph settings do not map to a valid graph config: {e}") from None
+
+
 def upstream_model_config(config_json: str | Path | Mapping[str, Any]) -> ModelConfig:
     """Map an upstream ALIGNN ``config.json`` (TrainingConfig, or its ``model`` section) to
     :class:`ModelConfig`; raises :class:`CheckpointError` for models we cannot reproduce."""
-    if isinstance(config_json, Mapping):
-        raw, where = config_json, "upstream config"
-    else:
-        where = str(config_json)
-        try:
-            raw = json.loads(Path(config_json).read_text())
-        except FileNotFoundError:
-            raise CheckpointError(f"upstream config {where} does not exist") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"upstream config {where} is not valid JSON: {e}") from None
-        if not isinstance(raw, Mapping):
-            raise CheckpointError(f"upstream config {where} must hold a JSON object")
+    raw, where = _read_upstream_config(config_json)
     m = _upstream_model_section(raw, where)
     name = m.get("name")
     if name == "alignn":
@@ -211,7 +234,8 @@ def load_upstream_checkpoint(best_model_pt: str | Path, config_json: str | Path,
                              backend: str = "torch") -> tuple[nn.Module, ModelConfig]:
     """Load an upstream ALIGNN checkpoint (``best_model.pt`` + ``config.json``) into our model.
 
-    Returns ``(model, model_config)``; the model is in eval mode on CPU. Raises
+    Returns ``(model, model_config)``; the model is in eval mode on CPU (the matching graph
+    settings: :func:`upstream_graph_config`). Raises
     :class:`CheckpointError` naming the file and the reason for anything that would not give the
     same predictions as upstream."""
     from toolkit.model import build_model
