@@ -19,6 +19,7 @@ BEGIN, END = "<!-- run_all:begin -->", "<!-- run_all:end -->"
 # (name, script, normal args, quick args)
 SUITE = [
     ("graph_construction", "graph_construction.py", [], ["--structures", "40", "--repeats", "2"]),
+    ("loader_streaming", "loader_streaming.py", [], ["--parts", "2", "4"]),
     ("model_step", "model_step.py", [], ["--structures", "32", "--repeats", "2"]),
     ("train_throughput", "train_throughput.py", [], ["--structures", "32", "--repeats", "2"]),
     ("extract_throughput", "extract_throughput.py", [], ["--structures", "32", "--repeats", "2"]),

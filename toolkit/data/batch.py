@@ -5,7 +5,8 @@ All graphs of a batch are concatenated into one disjoint graph; indices are glob
 Conventions (ALIGNN's): an atom-graph edge ``e = (u -> v)`` carries ``edge_vec[e] = pos(v) - pos(u)``
 (Cartesian, Å, periodic image included). Messages flow from ``u`` (source) to ``v`` (destination).
 Line-graph edges connect bond ``e1 = (a -> b)`` to bond ``e2 = (b -> c)`` (they share atom ``b``,
-backtracking ``c == a`` included, as DGL's ``line_graph(shared=True)``); the bond-angle cosine is
+backtracking ``c == a`` included, as DGL's ``line_graph(shared=True)``; a bond is never paired
+with itself, which only matters for bonds to an atom's own periodic image); the bond-angle cosine is
 ``cos(-edge_vec[e1], edge_vec[e2])``, the angle at ``b``.
 """
 
