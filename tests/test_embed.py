@@ -48,6 +48,17 @@ def _save_checkpoint(path: Path, cfg: PipelineConfig, output_features: int, seed
                       "val_mae": 1.0}, path)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def single_threaded_workers():
+    """Every worker process computes its shards with one thread. Bitwise equality across runs is a
+    property of the per-shard computation only when the BLAS thread count is fixed (multi-threaded MKL
+    may change its blocking, and so the rounding, with the thread count and machine load)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", "1")
+        mp.setenv("MKL_NUM_THREADS", "1")
+        yield
+
+
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory, shared_data):
     """dataset.zarr of the 30 smallest MP structures (no spectra: has_spectrum false) + a tiny checkpoint."""
@@ -262,6 +273,28 @@ def test_other_checkpoint_is_refused_not_mixed(prepared, tmp_path):
     assert embed.verify(cfg, run_dir) == 1
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_failing_worker_is_reported_with_its_log(prepared):
+    run_dir = _run_dir(prepared, "failing")
+    cfg = _cfg(prepared["ckpt"], layers=["readout"], device="cuda")
+    with pytest.raises(embed.EmbedError, match=r"(?s)worker 0 exited with 1 .*worker-0.log.*torch sees no GPU"):
+        embed.run(cfg, run_dir)
+    assert st.done_shards(st.store_path(run_dir)) == set()
+    assert embed.verify(cfg, run_dir) == 1
+
+
+def test_store_of_other_materials_is_refused(prepared):
+    run_dir = _run_dir(prepared, "other_ids")
+    cfg = _cfg(prepared["ckpt"], layers=["readout"])
+    stage.plan(cfg, run_dir)
+    ids = zarr.open_group(st.store_path(run_dir), mode="r+")["ids"]
+    changed = ids[:]
+    changed[5] = "not-in-the-dataset"
+    ids[:] = changed  # as if dataset.zarr had been re-prepared from other structures
+    with pytest.raises(st.EmbedStoreError, match="other materials"):
+        stage.plan(cfg, run_dir)
+
+
 def test_cli_shard_and_verify(prepared, capsys):
     run_dir = _run_dir(prepared, "cli")
     args = ["--run-dir", str(run_dir), "--set", f"embed.checkpoint={prepared['ckpt']}", "--set", "embed.shard_size=16",
@@ -273,6 +306,22 @@ def test_cli_shard_and_verify(prepared, capsys):
     assert cli_main(["embed", *args]) == 0
     assert cli_main(["embed", *args, "--verify"]) == 0
     assert "OK" in capsys.readouterr().out
+
+
+def test_task_with_dataloader_workers_prefetching_across_shards(prepared, reference):
+    """One task, one DataLoader with a (spawned) worker process over all its shards: same arrays."""
+    run_dir = _run_dir(prepared, "loader_workers")
+    cfg = _cfg(prepared["ckpt"], layers=["gcn_2", "readout"], num_workers=1, batch_size=3)
+    stage.plan(cfg, run_dir)
+    assert stage.run_task(cfg, run_dir, 1, 2) == [1, 3]
+    assert stage.run_task(cfg, run_dir, 1, 2) == []  # done shards are skipped
+    assert stage.run_task(cfg, run_dir, 0, 2) == [0, 2]
+    stage.finalize(cfg, run_dir)
+    got = embed.open_embeddings(run_dir)
+    for key in ("layers/gcn_2/mean", "layers/readout/mean", "prediction"):
+        np.testing.assert_allclose(got[key][:], reference["arrays"][key], rtol=1e-5, atol=1e-5, err_msg=key)
+    with pytest.raises(embed.EmbedError, match="task 2 is not in"):
+        stage.run_task(cfg, run_dir, 2, 2)
 
 
 def test_bf16_autocast_path_runs_on_cpu(prepared, reference):

@@ -5,7 +5,9 @@
 * :func:`run_shard` (any worker: SLURM array task, MPI rank, local process; CPU or GPU): extracts
   material shard ``s`` (rows ``[s*S, (s+1)*S)`` of ``dataset.zarr``, in order), writes that whole Zarr
   shard of every array, then its completion record. A no-op for a completed shard.
-* :func:`run_task`: worker ``t`` of ``T`` does the unfinished shards ``s`` with ``s % T == t``.
+* :func:`run_task`: worker ``t`` of ``T`` does the unfinished shards ``s`` with ``s % T == t`` through one
+  sequential DataLoader (:func:`extract_shards`; batches never cross a shard boundary), so the model is
+  loaded and data-loader workers are started once per task, not once per shard.
 * :func:`finalize`: checks all shards, compacts per-atom features, marks complete, consolidates metadata.
 * :func:`run`: record_run + plan + ``embed.workers`` local worker processes + finalize (tqdm on the
   driver; worker logs under ``RUN_DIR/logs/embed/``).
@@ -14,6 +16,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import subprocess
@@ -23,10 +26,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from toolkit.config import PipelineConfig, dump_config, record_run
-from toolkit.data.loader import make_loader
+from toolkit.data.loader import MaterialDataset, collate
 from toolkit.data.store import DatasetReader
 from toolkit.embed import store as st
 from toolkit.embed.extract import (
@@ -40,7 +44,7 @@ from toolkit.embed.extract import (
     use_bf16,
 )
 
-log = logging.getLogger("spectrolens.embed")
+log = logging.getLogger(__name__)
 
 DATASET = "dataset.zarr"
 
@@ -82,41 +86,65 @@ def plan(cfg: PipelineConfig, run_dir: Path) -> int:
              "grid": reader.attrs.get("grid"), "transform": reader.attrs.get("transform")}
     created = st.create_store(path, layout, ids=reader.ids, index=np.arange(len(reader), dtype=np.int64),
                               attrs=attrs, natoms=reader.natoms, energy=reader.energy)
+    if not created and st.open_root(path)["ids"][:].tolist() != reader.ids.tolist():
+        raise st.EmbedStoreError(f"{path} was planned for other materials than {run_dir / DATASET} now holds "
+                                 f"(the dataset was re-prepared); delete {path} to extract again")
     if created:
         log.info("planned %s: %d materials, %d shards of %d, layers %s, poolings %s", path, layout.n_materials,
                  layout.n_shards, layout.shard_size, layout.layers, layout.poolings)
     return layout.n_shards
 
 
-def run_shard(cfg: PipelineConfig, run_dir: Path, shard: int) -> None:
-    """Extract one shard (no-op if its completion record exists). The store must be planned."""
+def _loader(run_dir: Path, layout: st.Layout, shards: list[int], batch_size: int, num_workers: int,
+            cuda: bool) -> DataLoader:
+    """One sequential DataLoader over the rows of ``shards`` whose batches never cross a shard boundary,
+    so data-loader workers (started once per task, not per shard) prefetch across shards."""
+    batches = [list(range(a, min(a + batch_size, layout.rows(s).stop)))
+               for s in shards for a in range(layout.rows(s).start, layout.rows(s).stop, batch_size)]
+    return DataLoader(MaterialDataset(Path(run_dir) / DATASET), batch_sampler=batches, collate_fn=collate,
+                      num_workers=num_workers, pin_memory=cuda,
+                      multiprocessing_context="spawn" if num_workers else None)
+
+
+def extract_shards(cfg: PipelineConfig, run_dir: Path, shards: list[int]) -> list[int]:
+    """Extract ``shards`` in order (skipping completed ones), writing each whole shard and its record."""
     run_dir = Path(run_dir)
     path = st.store_path(run_dir)
-    if st.is_done(path, shard):
-        log.info("shard %d already complete", shard)
-        return
+    todo = [s for s in shards if not st.is_done(path, s)]
+    if not todo:
+        return []
     attrs = dict(st.open_root(path).attrs)
     layout = st.layout_from_attrs(attrs)
-    rows = layout.rows(shard)
     device = resolve_device(cfg.embed)
     loaded = load_model(checkpoint_path(cfg, run_dir), device)
     if loaded.sha256 != attrs["checkpoint_sha256"]:
         raise st.EmbedStoreError(
             f"{path} holds activations of checkpoint sha256 {attrs['checkpoint_sha256']}, but {loaded.path} has "
             f"sha256 {loaded.sha256}; refusing to mix two models in one store")
-    t0 = time.perf_counter()
-    cuda = device.type == "cuda"
-    loader = make_loader(Path(run_dir) / DATASET, indices=np.arange(rows.start, rows.stop), shuffle=False,
-                         batch_size=cfg.embed.batch_size, num_workers=cfg.embed.num_workers, pin_memory=cuda,
-                         multiprocessing_context="spawn" if cfg.embed.num_workers else None)
-    seen, result = extract(loaded, loader, layout.layers, layout.poolings, layout.per_atom,
-                           use_bf16(cfg.embed, device))
-    if not np.array_equal(seen, np.arange(rows.start, rows.stop)):
-        raise EmbedError(f"shard {shard}: the loader returned rows out of order (expected {rows.start}..{rows.stop - 1})")
-    seconds = time.perf_counter() - t0
-    st.write_shard(path, shard, result, loaded.sha256,
-                   extra={"seconds": round(seconds, 3), "device": str(device), "n_rows": rows.stop - rows.start})
-    log.info("shard %d done: %d materials in %.2f s on %s", shard, rows.stop - rows.start, seconds, device)
+    bs = cfg.embed.batch_size
+    batches = iter(_loader(run_dir, layout, todo, bs, cfg.embed.num_workers, device.type == "cuda"))
+    bf16 = use_bf16(cfg.embed, device)
+    for s in todo:
+        rows = layout.rows(s)
+        log.info("shard %d started", s)
+        t0 = time.perf_counter()
+        n_batches = -(-(rows.stop - rows.start) // bs)
+        seen, result = extract(loaded, itertools.islice(batches, n_batches), layout.layers, layout.poolings,
+                               layout.per_atom, bf16)
+        if not np.array_equal(seen, np.arange(rows.start, rows.stop)):
+            raise EmbedError(f"shard {s}: the loader returned rows {seen.min()}..{seen.max()} ({seen.size}), "
+                             f"expected {rows.start}..{rows.stop - 1} in order")
+        seconds = time.perf_counter() - t0
+        st.write_shard(path, s, result, loaded.sha256,
+                       extra={"seconds": round(seconds, 3), "device": str(device), "n_rows": rows.stop - rows.start})
+        log.info("shard %d done: %d materials in %.2f s on %s", s, rows.stop - rows.start, seconds, device)
+    return todo
+
+
+def run_shard(cfg: PipelineConfig, run_dir: Path, shard: int) -> None:
+    """Extract one shard (no-op if its completion record exists). The store must be planned."""
+    if not extract_shards(cfg, run_dir, [shard]):
+        log.info("shard %d already complete", shard)
 
 
 def run_task(cfg: PipelineConfig, run_dir: Path, task: int, n_tasks: int) -> list[int]:
@@ -125,13 +153,10 @@ def run_task(cfg: PipelineConfig, run_dir: Path, task: int, n_tasks: int) -> lis
         raise EmbedError(f"task {task} is not in [0, {n_tasks})")
     path = st.store_path(run_dir)
     layout = st.read_layout(path)
-    mine = [s for s in range(task, layout.n_shards, n_tasks)]
-    todo = [s for s in mine if not st.is_done(path, s)]
-    log.info("task %d/%d: %d shards, %d to do", task, n_tasks, len(mine), len(todo))
-    for s in todo:
-        log.info("shard %d started", s)
-        run_shard(cfg, run_dir, s)
-    return todo
+    mine = list(range(task, layout.n_shards, n_tasks))
+    log.info("task %d/%d: %d shards, %d done before", task, n_tasks, len(mine),
+             len(set(mine) & st.done_shards(path)))
+    return extract_shards(cfg, run_dir, mine)
 
 
 def finalize(cfg: PipelineConfig, run_dir: Path) -> dict:
@@ -141,8 +166,12 @@ def finalize(cfg: PipelineConfig, run_dir: Path) -> dict:
     return info
 
 
-def _worker_env(n_workers: int) -> dict[str, str]:
+def _worker_env(n_workers: int, task: int, device: str) -> dict[str, str]:
+    """Environment of local worker ``task``: CPU threads split between workers; with several GPUs,
+    worker t sees only GPU ``t % n_gpus`` (unless CUDA_VISIBLE_DEVICES is set already)."""
     env = dict(os.environ)
+    if device != "cpu" and "CUDA_VISIBLE_DEVICES" not in env and torch.cuda.device_count() > 1:
+        env["CUDA_VISIBLE_DEVICES"] = str(task % torch.cuda.device_count())
     threads = max(1, len(os.sched_getaffinity(0)) // n_workers)
     env.setdefault("OMP_NUM_THREADS", str(threads))
     env.setdefault("MKL_NUM_THREADS", str(threads))
@@ -167,12 +196,12 @@ def start_workers(cfg: PipelineConfig, run_dir: Path, n_tasks: int) -> list[tupl
     tmp.write_text(dump_config(cfg))
     os.replace(tmp, config_file)
     procs = []
-    env = _worker_env(n_tasks)
     for t in range(n_tasks):
         log_file = logs / f"worker-{t}.log"
         with open(log_file, "ab") as fh:
             procs.append((subprocess.Popen(worker_command(config_file, run_dir, t, n_tasks), stdout=fh,
-                                           stderr=subprocess.STDOUT, env=env), log_file))
+                                           stderr=subprocess.STDOUT, env=_worker_env(n_tasks, t, cfg.embed.device)),
+                          log_file))
     return procs
 
 

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(int(threads))
     cfg = load_config(args.config)
     done = run_task(cfg, args.run_dir, args.task, args.tasks)
-    logging.getLogger("spectrolens.embed").info("finished: %d shards extracted", len(done))
+    logging.getLogger("toolkit.embed.worker").info("finished: %d shards extracted", len(done))
     return 0
 
 
