@@ -252,3 +252,12 @@ def test_trainjob_runs_under_submitit_and_requeues_itself(prepared, tmp_path):
     ex.update_parameters(timeout_min=10)
     result = ex.submit(job).result()  # a real submitit job process
     assert result["test_n_materials"] == 4 and (d / "train" / "best.pt").is_file()
+
+
+def test_bf16_autocast_path_trains(prepared, tmp_path):
+    """The GPU default (bf16 autocast, fp32 loss and weights), forced on CPU here."""
+    d = fresh_run(prepared, tmp_path, "bf16")
+    out = run(tiny_cfg("train.precision=bf16", "train.epochs=1"), d)
+    assert math.isfinite(out["test_spectrum_mae"])
+    assert all(v.dtype == torch.float32 for v in torch.load(d / "train" / "best.pt", weights_only=True)["model"].values()
+               if v.is_floating_point())
