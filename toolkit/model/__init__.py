@@ -56,6 +56,8 @@ def capture_modules(model: nn.Module) -> dict[str, nn.Module]:
     ``alignn_i`` -> ``alignn_layers[i-1]`` (output ``(x, y, z)``; x = atom features (A, hidden)),
     ``gcn_i`` -> ``gcn_layers[i-1]`` (output ``(x, y)``), ``readout`` -> ``readout`` (output:
     the pooled (B, hidden) tensor that feeds ``fc``). Unwraps DDP / torch.compile wrappers.
+    Atom features keep the batch's atom order; bond (y) and angle (z) features are in the model's
+    internal order (sorted by destination, see ``alignn.sort_by_destination``).
     """
     inner = getattr(model, "module", model)
     inner = getattr(inner, "_orig_mod", inner)

@@ -118,15 +118,15 @@ class EdgeGatedGraphConv(nn.Module):
         """Node and edge updates with LayerNorm, SiLU and the residual connection."""
         x_new = F.silu(self.bn_nodes(ux + h))
         y_new = F.silu(self.bn_edges(m))
-        if self.residual:
-            return x + x_new, y + y_new
+        if self.residual:  # in place: SiLU's backward needs its input, not its output
+            return x_new.add_(x), y_new.add_(y)
         return x_new, y_new
 
     def forward(self, g: TorchGraph, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         src, dst = g
         e_src, bh, e_dst, ux = self.node_projections(x)
-        gate_in = e_src.index_select(0, src) + e_dst.index_select(0, dst)
-        m = torch.addmm(gate_in, y, self.edge_gate.weight.t())  # (E, F) edge gate pre-activation
+        # (E, F) edge-gate pre-activation; in place on the GEMM output (mm's backward needs only its inputs)
+        m = torch.mm(y, self.edge_gate.weight.t()).add_(e_src.index_select(0, src)).add_(e_dst.index_select(0, dst))
         sigma = torch.sigmoid(m)
         n_nodes = x.shape[0]
         h = segment_sum(bh.index_select(0, src) * sigma, dst, n_nodes) / (
@@ -225,9 +225,6 @@ class ALIGNN(nn.Module):
         edge_index, edge_vec, line_index = sort_by_destination(batch.edge_index, batch.edge_vec, batch.line_index)
         return (edge_index[0], edge_index[1]), (line_index[0], line_index[1]), edge_vec, line_index
 
-    def pool(self, g: Any, x: torch.Tensor, batch: GraphBatch) -> torch.Tensor:
-        return self.readout(x, batch.atom_batch, batch.n_atoms)
-
     def forward(self, batch: GraphBatch) -> torch.Tensor:
         g, lg, r, line_index = self.prepare_graphs(batch)
         x = self.atom_embedding(self.atom_features.index_select(0, batch.atomic_numbers))
@@ -238,7 +235,7 @@ class ALIGNN(nn.Module):
                 x, y, z = layer(g, lg, x, y, z)
         for layer in self.gcn_layers:
             x, y = layer(g, x, y)
-        out = self.fc(self.pool(g, x, batch))
+        out = self.fc(self.readout(x, batch.atom_batch, batch.n_atoms))
         if self.link == "log":
             return torch.exp(out)
         if self.link == "logit":
