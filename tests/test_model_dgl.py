@@ -95,3 +95,21 @@ def test_matches_upstream_dgl_alignn_atomwise(batch):
         ref = up((g, lg, None))["out"]
         torch.testing.assert_close(ours(batch), ref, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(dgl_model(batch), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_upstream_checkpoint_loads_into_either_backend(tmp_path, batch):
+    import json
+
+    from toolkit.model import load_upstream_checkpoint
+
+    ours, _ = _pair(3)
+    pt, cfgp = tmp_path / "best_model.pt", tmp_path / "config.json"
+    torch.save(ours.state_dict(), pt)
+    cfgp.write_text(json.dumps({"atom_features": "cgcnn", "model": dict(name="alignn_atomwise", atom_input_features=92,
+                                                                         **KW)}))
+    m_torch, cfg = load_upstream_checkpoint(pt, cfgp)
+    m_dgl, cfg_dgl = load_upstream_checkpoint(pt, cfgp, backend="dgl")
+    assert cfg.backend == "torch" and cfg_dgl.backend == "dgl" and type(m_dgl).__name__ == "ALIGNNDGL"
+    with torch.no_grad():
+        torch.testing.assert_close(m_dgl(batch), m_torch(batch), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(m_torch(batch), ours(batch), rtol=0, atol=0)
