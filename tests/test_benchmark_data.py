@@ -82,7 +82,7 @@ def test_onset_follows_the_documented_rule_and_range(cfg: DataConfig, materials:
         assert p["onset"] == pytest.approx(d["onset"]) and abs(d["onset"] - e0) < 0.02
         assert p["peak_1"] == pytest.approx(e0 + bm.PEAK1_OFFSET[p["coordination"]], abs=0.05)
         noisy = spectral_descriptors(e, m.spectrum, threshold=cfg.onset_threshold, log_floor=cfg.log_floor)
-        assert abs(noisy["onset"] - p["onset"]) < 0.1  # the noisy onset still tracks the planted one
+        assert abs(noisy["onset"] - p["onset"]) < 0.25  # the noisy onset (first crossing) still tracks the planted one
 
 
 def test_noise_is_gaussian_with_the_documented_floor(cfg: DataConfig, materials: list[Material]) -> None:

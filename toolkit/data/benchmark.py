@@ -15,7 +15,7 @@ Generation of material ``i`` (all rules and constants are documented in docs/ben
    N(0, 0.01 Å) per Cartesian component.
 3. Noise-free spectrum on the target grid (log10 α, α in cm^-1)::
 
-       y(E) = floor + H σ((E − E0)/w + s0) + h1 G(E; p1, 0.5) + h2 G(E; p2, 0.7)
+       y(E) = floor + H σ((E − E0)/w + s0) + h1 G(E; p1, 0.6) + h2 G(E; p2, 0.8)
        E0 = A[anion] + C̄ − β (d̄ − 2.4 Å)      C̄: C[cation_class] averaged over the formula's cations
                                              d̄: mean first-shell cation–anion bond length (Å)
        w  = W[coordination],  p1 = E0 + D1[coordination],  p2 = p1 + D2[anion]
@@ -268,12 +268,12 @@ ONSET_CATION = {"alkali": 1.4, "alkaline_earth": 1.2, "rare_earth": 0.8, "other"
 #: onset slope with the active bond length (eV/Å), reference length (Å)
 BOND_SLOPE, BOND_REF = 1.5, 2.4
 #: edge width w (eV) and first-peak offset D1 (eV) by coordination of the active cation
-EDGE_WIDTH = {"tetrahedral": 0.35, "octahedral": 0.50, "cubic": 0.70}
-PEAK1_OFFSET = {"tetrahedral": 1.5, "octahedral": 2.2, "cubic": 3.0}
+EDGE_WIDTH = {"tetrahedral": 0.50, "octahedral": 0.70, "cubic": 0.90}
+PEAK1_OFFSET = {"tetrahedral": 1.8, "octahedral": 2.5, "cubic": 3.2}
 #: second-peak offset from the first, D2 (eV), by anion class
 PEAK2_OFFSET = {"halide": 3.0, "oxide": 2.6, "nitride": 2.2, "sulfide": 2.0, "selenide": 1.8, "telluride": 1.6}
 #: edge height H (decades), peak heights h1, h2 (decades), peak widths (eV, Gaussian σ)
-EDGE_HEIGHT, PEAK_HEIGHTS, PEAK_WIDTHS = 3.5, (0.7, 0.5), (0.5, 0.7)
+EDGE_HEIGHT, PEAK_HEIGHTS, PEAK_WIDTHS = 3.5, (0.7, 0.5), (0.6, 0.8)
 #: onset clamp (eV): E0 is limited to [ONSET_MIN, ONSET_MAX] by a smooth (softplus) clamp
 ONSET_MIN, ONSET_MAX = 0.8, 9.0
 STRAIN, DISPLACEMENT = 0.03, 0.01
