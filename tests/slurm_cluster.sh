@@ -9,8 +9,8 @@
 # Everything (configs, state, spool, database, logs, pidfiles) lives under DIR, on free TCP ports,
 # so a cluster never touches /etc/slurm or the system's MariaDB, and two clusters (two CI jobs on
 # one host) do not collide. munge is the exception: SLURM 22.05 clients only use munge's default
-# socket, so a munged already answering there is reused (and then not stopped). The node has the machine's real CPU count and most of
-# its memory. Needs root (slurmd launches jobs as the submitting user) and the Debian packages
+# socket, so a munged already answering there is reused (and then not stopped by this DIR's stop).
+# The node has the machine's real CPU count and 80% of its memory. Needs root (slurmd launches jobs as the submitting user) and the Debian packages
 # slurm-wlm slurmdbd munge mariadb-server libpmix-dev (scripts/setup.sh --test installs them).
 # Daemons are stopped by pidfile, never by name: other clusters may run on the same host.
 set -euo pipefail

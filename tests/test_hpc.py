@@ -143,12 +143,15 @@ def test_demo_config_is_shipped_and_matches_jobs_demo_yaml():
 def test_demo_summary_reads_the_run_outputs(tmp_path):
     (tmp_path / "analyze").mkdir()
     (tmp_path / "train").mkdir()
-    (tmp_path / "analyze" / "attribution.json").write_text(json.dumps({"benchmark_recovery": {"score": 0.75, "k": 3}}))
+    rec = {"k": 3, "overall": 0.5, "best_layer": "gcn_2",
+           "per_layer": {"gcn_2": {"precision": 0.75, "chance": 0.2}, "alignn_1": {"precision": 0.25, "chance": 0.2}}}
+    (tmp_path / "analyze" / "attribution.json").write_text(json.dumps({"benchmark_recovery": rec}))
     (tmp_path / "train" / "metrics.json").write_text(json.dumps(
         {"test_spectrum_mae": 0.2, "noise_floor": 0.05, "mae_over_noise_floor": 4.0, "onset_r2": 0.81}))
     text = pipeline.demo_summary(tmp_path, 12.0)
     assert f"report: {tmp_path / 'analyze' / 'report' / 'index.html'}" in text
-    assert "benchmark recovery: 0.75" in text and "4.000 x noise floor" in text and "onset R^2 0.810" in text
+    assert "precision@3 of planted drivers): 0.500 overall; best layer gcn_2: 0.750 (chance 0.200)" in text
+    assert "4.000 x noise floor" in text and "onset R^2 0.810" in text
 
 
 @pytest.mark.parametrize("raw,expected", [

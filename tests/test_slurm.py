@@ -183,7 +183,15 @@ def test_scancel_training_and_embed_task_then_resume(reference_run, tmp_path):
     # 1) training cancelled after its first checkpoint: the dependants are cancelled, not left pending
     assert run_pipeline(cfg, run_dir, executor="slurm", wait=False) == 0
     train_job = records.load(run_dir)["stages"]["train"]["jobs"][0]["job_id"]
-    _wait(lambda: (run_dir / "train" / "checkpoints" / "last.pt").is_file(), 240, "the first training checkpoint")
+
+    def first_checkpoint():
+        if (run_dir / "train" / "checkpoints" / "last.pt").is_file():
+            return True
+        bad = [r for r in status.rows(run_dir) if r.stage in ("prepare", "train") and r.state in ("failed", "cancelled")]
+        assert not bad, f"{bad[0].stage} {bad[0].task} {bad[0].state} before the checkpoint; log {bad[0].log}"
+        return False
+
+    _wait(first_checkpoint, 300, "the first training checkpoint", poll=0.5)
     subprocess.run(["scancel", train_job], check=True)
     rows = _wait_terminal(run_dir)
     st = {(r.stage, r.task): r.state for r in rows}

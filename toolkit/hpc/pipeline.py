@@ -43,7 +43,7 @@ def run_pipeline(cfg: PipelineConfig, run_dir: Path | str | None = None, executo
     if kind not in ("local", "slurm"):
         raise ConfigError(f"executor {kind!r} is not one of local, slurm")
     wanted = st.check_stages(list(stages) if stages else list(st.STAGES))
-    cfg = cfg.model_copy(update={"run_dir": rd})
+    cfg = cfg.model_copy(deep=True, update={"run_dir": rd})
     cfg.executor.kind = kind
     _refuse_if_active(rd)
     record_run(cfg, rd)
@@ -158,12 +158,11 @@ def demo_summary(run_dir: Path, seconds: float | None = None) -> str:
     met = json.loads(met_path.read_text()) if met_path.is_file() else {}
     rec = att.get("benchmark_recovery")
     lines = [f"report: {run_dir / 'analyze' / 'report' / 'index.html'}"]
-    if isinstance(rec, dict):
-        score = rec.get("score", rec.get("recovery"))
-        lines.append(f"benchmark recovery: {score if score is not None else json.dumps(rec)}")
-        extra = {k: v for k, v in rec.items() if k not in ("score", "recovery") and not isinstance(v, (dict, list))}
-        if extra:
-            lines.append("  " + ", ".join(f"{k}={_fmt(v)}" for k, v in extra.items()))
+    if isinstance(rec, dict) and "overall" in rec:
+        best = rec.get("best_layer")
+        layer = rec.get("per_layer", {}).get(best, {})
+        lines.append(f"benchmark recovery (precision@{rec.get('k', '?')} of planted drivers): {_fmt(rec['overall'])} "
+                     f"overall; best layer {best}: {_fmt(layer.get('precision'))} (chance {_fmt(layer.get('chance'))})")
     else:
         lines.append(f"benchmark recovery: {rec}")
     if met:
