@@ -245,7 +245,7 @@ def analyze_inputs(cfg, inp: Inputs) -> dict[str, Any]:
         cand: list[str] = []
         for rs in ranked.values():
             cand += [r["descriptor"] for r in rs[:10] if r["q"] < attr.ALPHA and r["descriptor"] not in cand]
-        surrogate = attr.surrogate_importance(res.labels, sub, cand[:60], a.permutation_repeats, a.seed, a.workers)
+        surrogate = attr.surrogate_importance(res.labels, sub, cand[:60], a.permutation_repeats, a.seed)
         sig = attr.spectral_signature(res.labels, energy, reference[mask],
                                       predicted[mask] if predicted is not None else None, onset[mask])
         enrich_el = attr.element_enrichment(res.labels, sub)
@@ -301,7 +301,7 @@ def analyze_inputs(cfg, inp: Inputs) -> dict[str, Any]:
         "energy_subsample": {"start": float(energy[0]), "step": float(energy[SPECTRUM_STEP] - energy[0]) if len(energy) > SPECTRUM_STEP else None,
                              "every": SPECTRUM_STEP, "n": int(len(energy[::SPECTRUM_STEP]))},
         "descriptors": {"n_descriptors": len(table.names), "n_tested": len(names), "n_failures": len(table.failures),
-                        "failures_by_descriptor": failures_by, **dinfo},
+                        "failures_by_descriptor": failures_by, **inp.dinfo},
         "layers": layers_out,
         "global_importance": global_imp,
         "layer_comparison": {"ami_vs_reference": ami,

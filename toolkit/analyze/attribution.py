@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 from scipy.stats import false_discovery_control, fisher_exact, mannwhitneyu
+from threadpoolctl import threadpool_limits
 
 from toolkit.analyze.descriptors import DescriptorTable, family, is_categorical, is_spectral
 
@@ -107,7 +108,7 @@ def enrichment(labels: np.ndarray, table: DescriptorTable, names: list[str] | No
 
 
 def surrogate_importance(labels: np.ndarray, table: DescriptorTable, names: list[str], repeats: int = 5,
-                         seed: int = 0, workers: int = 1) -> dict[str, Any]:
+                         seed: int = 0) -> dict[str, Any]:
     """HistGradientBoosting classifier of cluster membership from descriptors (NaN handled natively);
     permutation importances (drop in balanced accuracy) on a stratified 30 % hold-out."""
     from sklearn.ensemble import HistGradientBoostingClassifier
@@ -122,11 +123,11 @@ def surrogate_importance(labels: np.ndarray, table: DescriptorTable, names: list
     strat = labels if counts[counts > 0].min() >= 2 else None
     xtr, xte, ytr, yte = train_test_split(x, labels, test_size=0.3, random_state=seed, stratify=strat)
     clf = HistGradientBoostingClassifier(max_iter=60, learning_rate=0.15, random_state=seed)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), threadpool_limits(1):  # small fits: threads only add contention
         warnings.simplefilter("ignore")
         clf.fit(xtr, ytr)
         acc = balanced_accuracy_score(yte, clf.predict(xte))
-        pi = permutation_importance(clf, xte, yte, n_repeats=repeats, random_state=seed, n_jobs=workers,
+        pi = permutation_importance(clf, xte, yte, n_repeats=repeats, random_state=seed, n_jobs=1,
                                     scoring="balanced_accuracy")
     order = np.argsort(-pi.importances_mean)
     return {"model": "HistGradientBoostingClassifier", "holdout_balanced_accuracy": float(acc),

@@ -368,9 +368,12 @@ def structural_descriptors(arrays: StructureArrays, cache_dir: Path, workers: in
                 for b, recs in ex.map(_block_worker, jobs):
                     _save_block(cache_dir, b, recs)
         else:
-            for job in jobs:
-                b, recs = _block_worker(job)
-                _save_block(cache_dir, b, recs)
+            from threadpoolctl import threadpool_limits
+
+            with threadpool_limits(1):
+                for job in jobs:
+                    b, recs = _block_worker(job)
+                    _save_block(cache_dir, b, recs)
     recs: list[dict] = []
     for b in blocks:
         recs.extend(json.loads((cache_dir / f"block-{b:06d}.json").read_text()))

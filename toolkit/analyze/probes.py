@@ -3,6 +3,9 @@
 For every layer and probe target, a linear model is fitted on the standardised activations and
 scored out of fold (``folds``-fold cross-validation, materials missing the target left out):
 
+Activations are standardised and, when wider than 64, projected on their first 64 principal
+components (fitted inside each training fold), which keeps a probe cheap for 1,501-point spectra.
+
 * continuous targets (``cn_mean``, bond lengths, angles, volume, ..., ``onset``): ``RidgeCV``
   (alpha chosen by efficient leave-one-out inside each training fold); score = out-of-fold R^2;
 * categorical targets (0/1: ``anion:*``, ``coordination:*``, ``cation_class:*``, ``oxidation:*``
@@ -19,6 +22,7 @@ import warnings
 from typing import Any
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from toolkit.analyze.descriptors import DescriptorTable, family, is_categorical
 
@@ -26,6 +30,7 @@ CONTINUOUS_TARGETS = ("cn_mean", "bond_length_mean", "bond_length_min", "angle_X
                       "volume_per_atom", "density", "electronegativity_diff", "onset", "peak_1")
 CATEGORICAL_FAMILIES = ("anion", "coordination", "cation_class", "oxidation")
 ALPHAS = np.logspace(-2, 4, 13)
+MAX_COMPONENTS = 64
 
 
 def probe_targets(table: DescriptorTable, min_class: int = 10, max_categorical: int = 24) -> list[str]:
@@ -43,16 +48,28 @@ def probe_targets(table: DescriptorTable, min_class: int = 10, max_categorical: 
     return out + [n for _, n in cats[:max_categorical]]
 
 
+def _pca(x: np.ndarray):
+    """PCA to at most MAX_COMPONENTS (fitted inside each training fold), or a no-op."""
+    from sklearn.decomposition import PCA
+
+    k = min(MAX_COMPONENTS, x.shape[1], max(1, int(0.5 * x.shape[0])))
+    return PCA(n_components=k, svd_solver="randomized", random_state=0) if k < x.shape[1] else "passthrough"
+
+
 def probe_layer(features: np.ndarray, table: DescriptorTable, targets: list[str], folds: int = 5,
                 seed: int = 0) -> dict[str, dict[str, Any]]:
     """Out-of-fold probe score of each target from ``features`` (N, H) (NaN imputed by column mean)."""
+    with threadpool_limits(1, user_api="blas"):  # small solves: threaded BLAS only adds contention
+        return _probe_layer(np.asarray(features, dtype=np.float64), table, targets, folds, seed)
+
+
+def _probe_layer(x: np.ndarray, table: DescriptorTable, targets: list[str], folds: int, seed: int) -> dict[str, dict[str, Any]]:
     from sklearn.linear_model import RidgeClassifierCV, RidgeCV
     from sklearn.metrics import r2_score, roc_auc_score
     from sklearn.model_selection import KFold, StratifiedKFold, cross_val_predict
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    x = np.asarray(features, dtype=np.float64)
     mean = np.nanmean(np.where(np.isfinite(x), x, np.nan), axis=0) if not np.isfinite(x).all() else None
     if mean is not None:
         x = np.where(np.isfinite(x), x, np.nan_to_num(mean)[None, :])
@@ -66,13 +83,13 @@ def probe_layer(features: np.ndarray, table: DescriptorTable, targets: list[str]
             if is_categorical(t):
                 ys = ys.astype(int)
                 cv = StratifiedKFold(n_splits=min(folds, int(np.bincount(ys).min())), shuffle=True, random_state=seed)
-                model = make_pipeline(StandardScaler(), RidgeClassifierCV(alphas=ALPHAS))
+                model = make_pipeline(StandardScaler(), _pca(xs), RidgeClassifierCV(alphas=ALPHAS))
                 dec = cross_val_predict(model, xs, ys, cv=cv, method="decision_function")
                 out[t] = {"kind": "categorical", "metric": "roc_auc", "score": float(roc_auc_score(ys, dec)),
                           "n": int(ok.sum())}
             else:
                 cv = KFold(n_splits=folds, shuffle=True, random_state=seed)
-                model = make_pipeline(StandardScaler(), RidgeCV(alphas=ALPHAS))
+                model = make_pipeline(StandardScaler(), _pca(xs), RidgeCV(alphas=ALPHAS))
                 pred = cross_val_predict(model, xs, ys, cv=cv)
                 out[t] = {"kind": "continuous", "metric": "r2", "score": float(r2_score(ys, pred)), "n": int(ok.sum())}
     return out

@@ -1,0 +1,145 @@
+"""The HTML report opens in a real headless Chromium without console errors, loads nothing from
+the network, shows every figure (decoded <img> elements), and its screenshot is written.
+
+Chromium is driven over the DevTools protocol on a pipe (--remote-debugging-pipe: fd 3 in, fd 4
+out, NUL-separated JSON), so console messages, uncaught exceptions, log entries and network
+requests are read as structured events rather than scraped from logs."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from toolkit import analyze
+from toolkit.config import load_config
+from toolkit.data import prepare
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--remote-debugging-pipe", "--window-size=1280,2400", "--hide-scrollbars"]
+
+
+class DevTools:
+    """Minimal Chrome DevTools Protocol client over --remote-debugging-pipe."""
+
+    def __init__(self, user_data_dir: Path):
+        to_r, to_w = os.pipe()      # we write, chromium reads on fd 3
+        from_r, from_w = os.pipe()  # chromium writes on fd 4, we read
+        self.proc = subprocess.Popen(
+            [CHROMIUM, *FLAGS, f"--user-data-dir={user_data_dir}", "about:blank"],
+            pass_fds=(3, 4), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            preexec_fn=lambda: (os.dup2(to_r, 3), os.dup2(from_w, 4)))
+        os.close(to_r)
+        os.close(from_w)
+        self.w = os.fdopen(to_w, "wb", buffering=0)
+        self.r = os.fdopen(from_r, "rb", buffering=0)
+        self.buf = b""
+        self.next_id = 0
+        self.events: list[dict] = []
+
+    def _read(self, deadline: float) -> dict:
+        import select
+
+        while b"\0" not in self.buf:
+            left = deadline - time.time()
+            if left <= 0 or not select.select([self.r], [], [], left)[0]:
+                raise TimeoutError("no answer from chromium over the DevTools pipe")
+            chunk = self.r.read(1 << 16)
+            if not chunk:
+                raise RuntimeError(f"chromium closed the DevTools pipe: {self.proc.stderr.read().decode()[-2000:]}")
+            self.buf += chunk
+        msg, self.buf = self.buf.split(b"\0", 1)
+        return json.loads(msg)
+
+    def call(self, method: str, params: dict | None = None, session: str | None = None, timeout: float = 60) -> dict:
+        self.next_id += 1
+        req = {"id": self.next_id, "method": method, "params": params or {}}
+        if session:
+            req["sessionId"] = session
+        self.w.write(json.dumps(req).encode() + b"\0")
+        deadline = time.time() + timeout
+        while True:
+            m = self._read(deadline)
+            if m.get("id") == self.next_id:
+                if "error" in m:
+                    raise RuntimeError(f"{method}: {m['error']}")
+                return m.get("result", {})
+            self.events.append(m)
+
+    def wait_event(self, method: str, timeout: float = 60) -> dict:
+        deadline = time.time() + timeout
+        for m in self.events:
+            if m.get("method") == method:
+                return m
+        while True:
+            m = self._read(deadline)
+            self.events.append(m)
+            if m.get("method") == method:
+                return m
+
+    def close(self) -> None:
+        try:
+            self.call("Browser.close", timeout=10)
+        except Exception:  # noqa: BLE001 - closing best effort; the process is killed below
+            pass
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("report")
+    cfg = load_config(None, {"data": {"benchmark": {"n_materials": 60}, "shard_size": 60, "workers": 1},
+                             "analyze": {"workers": 1, "permutation_repeats": 2, "probe_folds": 3, "max_clusters": 6}})
+    prepare.run(cfg, root)
+    analyze.run(cfg, root)
+    return root / "analyze" / "report" / "index.html"
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (scripts/setup.sh --test installs it)")
+def test_report_renders_without_console_errors(report, tmp_path):
+    dt = DevTools(tmp_path / "profile")
+    try:
+        target = dt.call("Target.createTarget", {"url": "about:blank"})["targetId"]
+        sess = dt.call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
+        for domain in ("Page", "Runtime", "Log", "Network"):
+            dt.call(f"{domain}.enable", session=sess)
+        dt.call("Emulation.setDeviceMetricsOverride", {"width": 1280, "height": 2400, "deviceScaleFactor": 1,
+                                                       "mobile": False}, session=sess)
+        dt.call("Page.navigate", {"url": report.as_uri()}, session=sess)
+        dt.wait_event("Page.loadEventFired")
+        state = dt.call("Runtime.evaluate", {"returnByValue": True, "expression": """({
+            images: document.images.length,
+            decoded: Array.from(document.images).filter(i => i.complete && i.naturalWidth > 100).length,
+            title: document.title, summaries: document.querySelectorAll('ul.summary li').length})"""},
+                        session=sess)["result"]["value"]
+        shot = dt.call("Page.captureScreenshot", {"format": "png"}, session=sess)["data"]
+    finally:
+        dt.close()
+    png = base64.b64decode(shot)
+    out = tmp_path / "report.png"
+    out.write_bytes(png)
+    if os.environ.get("SPECTROLENS_KEEP_SCREENSHOT"):
+        shutil.copy(out, os.environ["SPECTROLENS_KEEP_SCREENSHOT"])
+    errors = [e for e in dt.events if e.get("method") == "Runtime.exceptionThrown"
+              or (e.get("method") == "Runtime.consoleAPICalled" and e["params"]["type"] in ("error", "assert"))
+              or (e.get("method") == "Log.entryAdded" and e["params"]["entry"]["level"] == "error")]
+    assert not errors, errors
+    requests = [e["params"]["request"]["url"] for e in dt.events if e.get("method") == "Network.requestWillBeSent"]
+    assert all(u.startswith(("file:", "data:")) for u in requests), requests
+    assert state["images"] == 6 and state["decoded"] == 6, state  # 5 figures of one clustering + layer comparison
+    assert state["summaries"] >= 2 and "spectrolens analysis" in state["title"]
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 50_000
