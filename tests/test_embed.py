@@ -4,7 +4,6 @@ hooks, pooling, 1 vs 3 workers, SIGKILL + restart, checkpoint refusal, verify, t
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
