@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 REFERENCE = "spectrum_reference"
 PREDICTED = "spectrum_predicted"
 MIN_CLUSTER_FOR_RECOVERY = 5
+FIT_MAX = 20_000  # surrogate classifier and probes are fitted on at most this many materials
 SPECTRUM_STEP = 10  # spectral summaries in attribution.json keep every 10th grid point
 
 
@@ -245,7 +246,9 @@ def analyze_inputs(cfg, inp: Inputs) -> dict[str, Any]:
         cand: list[str] = []
         for rs in ranked.values():
             cand += [r["descriptor"] for r in rs[:10] if r["q"] < attr.ALPHA and r["descriptor"] not in cand]
-        surrogate = attr.surrogate_importance(res.labels, sub, cand[:60], a.permutation_repeats, a.seed)
+        fit_rows = _subsample(len(sub.ids), a.seed)
+        fit_sub = DescriptorTable([sub.ids[i] for i in fit_rows], sub.names, sub.values[fit_rows], [])
+        surrogate = attr.surrogate_importance(res.labels[fit_rows], fit_sub, cand[:60], a.permutation_repeats, a.seed)
         sig = attr.spectral_signature(res.labels, energy, reference[mask],
                                       predicted[mask] if predicted is not None else None, onset[mask])
         enrich_el = attr.element_enrichment(res.labels, sub)
@@ -272,8 +275,8 @@ def analyze_inputs(cfg, inp: Inputs) -> dict[str, Any]:
         f["enrichment"] = figs.save(figs.enrichment_heatmap(ranked, name), figdir, f"{name}_enrichment")["data_uri"]
         f["elements"] = figs.save(figs.element_maps(enrich_el, name), figdir, f"{name}_elements")["data_uri"]
         figures[name] = f
-        feats = np.asarray(x[:], dtype=np.float32)
-        probes[name] = prb.probe_layer(feats, sub, targets, folds=a.probe_folds, seed=a.seed)
+        feats = np.asarray(x.oindex[fit_rows] if hasattr(x, "oindex") else x[fit_rows], dtype=np.float32)
+        probes[name] = prb.probe_layer(feats, fit_sub, targets, folds=a.probe_folds, seed=a.seed)
         log.info("analyze: %s -> %d clusters (%s)", name, res.n_clusters, res.mode)
     # layer comparison
     for base, key in ((REFERENCE, "ami_reference"), (PREDICTED, "ami_predicted")):
@@ -319,6 +322,13 @@ def analyze_inputs(cfg, inp: Inputs) -> dict[str, Any]:
     render(result, figures, out / "report" / "index.html", f"spectrolens analysis: {run_dir.name}")
     log.info("analyze: done in %.1f s -> %s", time.time() - t0, out)
     return result
+
+
+def _subsample(n: int, seed: int) -> np.ndarray:
+    """Sorted rows used to fit the surrogate and the probes: all, or FIT_MAX drawn at random."""
+    if n <= FIT_MAX:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=FIT_MAX, replace=False))
 
 
 def _ds(a: np.ndarray) -> list[float | None]:

@@ -19,28 +19,17 @@ def _fmt_q(q: float) -> str:
     return f"{q:.0e}" if q < 0.01 else f"{q:.2f}"
 
 
+_WORDS = {"element": "{}", "anion": "{}s", "cation_class": "{} cations", "coordination": "{} cations",
+          "oxidation": "{}", "spacegroup": "space group {}", "crystal_system": "{} cells", "fraction": "{}-rich"}
+
+
 def phrase(r: dict[str, Any]) -> str:
     """Short words for one test result, e.g. ``Te`` / ``octahedral cations`` / ``high cn_mean (6.0 vs 4.0)``."""
-    name = r["descriptor"]
-    fam, _, val = name.partition(":")
-    if fam == "element":
-        return val
-    if fam == "anion":
-        return f"{val}s"
-    if fam == "cation_class":
-        return f"{val.replace('_', ' ')} cations"
-    if fam == "coordination":
-        return f"{val.replace('_', ' ')} cations"
-    if fam == "oxidation":
-        return val
-    if fam == "spacegroup":
-        return f"space group {val}"
-    if fam == "crystal_system":
-        return f"{val} cells"
-    if fam == "fraction":
-        return f"{val}-rich"
+    fam, _, val = r["descriptor"].partition(":")
+    if fam in _WORDS:
+        return _WORDS[fam].format(val.replace("_", " ") if fam in ("cation_class", "coordination") else val)
     word = "high" if r["effect"] > 0 else "low"
-    return f"{word} {name} ({r['in_cluster']:.3g} vs {r['rest']:.3g})"
+    return f"{word} {r['descriptor']} ({r['in_cluster']:.3g} vs {r['rest']:.3g})"
 
 
 def cluster_summary(c: int, size: int, onset: dict | None, ranked: list[dict], n: int = 3) -> str:
