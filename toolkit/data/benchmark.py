@@ -38,7 +38,7 @@ from functools import lru_cache
 from typing import Any, Iterator
 
 import numpy as np
-from pymatgen.core import Element, Lattice, Structure
+from pymatgen.core import Composition, Element, Lattice, Structure
 from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
 
 from toolkit.data.records import Material, Reject
@@ -328,8 +328,9 @@ def _data_cfg(cfg: Any) -> Any:
 
 
 @lru_cache(maxsize=None)
-def _element(symbol: str) -> Element:
-    return Element(symbol)
+def _element(symbol: str) -> Composition:
+    """A cached single-element species (a Composition skips pymatgen's per-site parsing)."""
+    return Composition({Element(symbol): 1})
 
 
 def key_of(index: int) -> str:
