@@ -12,6 +12,7 @@ The material id is the file's path relative to ``data.path`` (``vasprun.xml`` ->
 
 from __future__ import annotations
 
+import logging
 import warnings
 from pathlib import Path
 from typing import Iterator
@@ -22,6 +23,8 @@ from toolkit.config import DataConfig
 from toolkit.data.readers.common import build_material, duplicate_rejects, spectrum_from_alpha
 from toolkit.data.records import Material, Reject
 from toolkit.data.spectra import alpha_from_eps
+
+log = logging.getLogger(__name__)
 
 
 def vasprun_id(rel: Path) -> str:
@@ -98,6 +101,10 @@ class VaspSource:
                 yield Reject(src, key, "every row of the dielectric function is NaN/overflow")
                 continue
             spectrum = spectrum_from_alpha(self.cfg, energy, alpha)
+            if nan_rows.any():
+                log.warning("%s: %d dielectric-function rows are NaN/overflow (%.3g-%.3g eV); %d grid points masked",
+                            src, int(nan_rows.sum()), float(energy[nan_rows].min()), float(energy[nan_rows].max()),
+                            int(np.isnan(spectrum).sum()))
             prov = {"nan_rows": int(nan_rows.sum()),
                     "nan_energy_range_eV": [float(energy[nan_rows].min()), float(energy[nan_rows].max())]
                     if nan_rows.any() else None,
