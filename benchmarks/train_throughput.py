@@ -101,7 +101,9 @@ def main() -> int:
 
     opt = torch.optim.AdamW(up.parameters(), lr=1e-3, weight_decay=1e-5)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps * 1000)
-    autocast = (lambda: torch.autocast(device_type=dev.type, dtype=torch.bfloat16)) if args.bf16 else contextlib.nullcontext
+
+    def autocast():
+        return torch.autocast(device_type=dev.type, dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
 
     def sync() -> None:
         if dev.type == "cuda":

@@ -8,7 +8,6 @@ import random
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -140,13 +139,17 @@ def test_split_file_errors_name_the_problem(tmp_path):
 
 
 def test_rng_state_roundtrips_through_a_weights_only_checkpoint(tmp_path):
-    random.seed(1); np.random.seed(2); torch.manual_seed(3)
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
     np.random.standard_normal()  # leaves a cached gaussian in numpy's state
     state = ckpt.capture_rng()
     expect = (random.random(), np.random.standard_normal(), torch.rand(3).tolist())
     ckpt.atomic_save({"format": "x", "rng": [state]}, tmp_path / "c.pt")
     loaded = torch.load(tmp_path / "c.pt", weights_only=True)  # only tensors / primitive containers
-    random.seed(9); np.random.seed(9); torch.manual_seed(9)
+    random.seed(9)
+    np.random.seed(9)
+    torch.manual_seed(9)
     ckpt.restore_rng(loaded["rng"][0])
     assert (random.random(), np.random.standard_normal(), torch.rand(3).tolist()) == expect
     assert not list(tmp_path.glob(".*tmp*"))  # the temporary file was renamed away

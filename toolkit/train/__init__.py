@@ -16,7 +16,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import random
 import signal
 import threading
@@ -26,7 +25,8 @@ import numpy as np
 import submitit
 import torch
 
-from toolkit.config import ConfigError, PipelineConfig
+from toolkit.config import PipelineConfig
+from toolkit.hpc.stages import task_log
 from toolkit.train import distributed as D
 from toolkit.train.checkpoint import CheckpointError
 from toolkit.train.loop import NonFiniteLossError, StopFlag, Trainer, TrainingInterrupted, weights_sha256, write_json
@@ -44,26 +44,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-@contextlib.contextmanager
-def _rank_log(run_dir: Path, rank: int):
-    """Copy this process's ``toolkit`` log records to RUN_DIR/logs/train/rank<k>.log."""
-    path = run_dir / "logs" / "train" / f"rank{rank}.log"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter(f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s"))
-    logger = logging.getLogger("toolkit")
-    old_level = logger.level
-    if logger.getEffectiveLevel() > logging.INFO:
-        logger.setLevel(logging.INFO)
-    logger.addHandler(handler)
-    try:
-        yield path
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(old_level)
-        handler.close()
 
 
 @contextlib.contextmanager
@@ -115,7 +95,7 @@ def run(cfg: PipelineConfig, run_dir: Path, *, stop_after_epoch: int | None = No
     denv = D.discover()
     device = D.select_device(cfg.train.device, denv)
     backend = D.select_backend(cfg.train.dist_backend, device)
-    with _rank_log(run_dir, denv.rank):
+    with task_log(run_dir, "train", f"rank{denv.rank}"):
         if _finished(train_dir):
             log.info("training in %s is finished (metrics.json and best.pt exist): not retraining; delete %s "
                      "to train again", train_dir, train_dir)

@@ -68,7 +68,8 @@ class TrainingData:
                             rank=denv.rank, world=denv.world_size, **kw)
         val_idx = split.indices("val", self.ids)[denv.rank::denv.world_size]
         val = make_loader(self.store_path, val_idx, shuffle=False, **kw) if len(val_idx) else None
-        test = make_loader(self.store_path, split.indices("test", self.ids), shuffle=False, **kw) if split.test else None
+        test_idx = split.indices("test", self.ids)
+        test = make_loader(self.store_path, test_idx, shuffle=False, **kw) if len(test_idx) else None
         sampler = train.sampler
         bs = tc.batch_size
         return Loaders(train=train, val=val, test=test, steps_per_epoch=len(train), set_epoch=sampler.set_epoch,

@@ -17,7 +17,6 @@ import numpy as np
 import torch
 
 
-
 def json_safe(obj):
     """NaN/inf -> None, recursively (strict JSON)."""
     if isinstance(obj, float) and not math.isfinite(obj):
