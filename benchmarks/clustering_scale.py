@@ -35,7 +35,7 @@ def blobs_chunk(start: int, stop: int, dim: int, k: int, seed: int) -> np.ndarra
     return centres[lab] + rng.standard_normal((stop - start, dim), dtype=np.float32)
 
 
-def part_reference(n: int, dim: int, k: int, repeats: int, micro: int) -> None:
+def part_reference(n: int, dim: int, k: int, repeats: int, micro: int, threads: int | None) -> None:
     from scipy.cluster.hierarchy import fcluster, linkage
     from sklearn.metrics import adjusted_rand_score
 
@@ -49,11 +49,12 @@ def part_reference(n: int, dim: int, k: int, repeats: int, micro: int) -> None:
         exact = fcluster(z, k, "maxclust")
         t_exact.append(time.perf_counter() - t)
         t = time.perf_counter()
-        res = cluster(x, n_clusters=k, standardize=False, scalable_threshold=100, n_micro=micro)
+        res = cluster(x, n_clusters=k, standardize=False, scalable_threshold=100, n_micro=micro, threads=threads)
         t_scal.append(time.perf_counter() - t)
     me, ms = float(np.median(t_exact)), float(np.median(t_scal))
     print(f"[reference] N={n} D={dim} k={k}: exact scipy Ward median {me:.2f} s, scalable (micro={micro}) "
-          f"median {ms:.2f} s, ratio exact/scalable {me / ms:.2f}x, ARI {adjusted_rand_score(exact, res.labels):.3f}")
+          f"median {ms:.2f} s, ratio exact/scalable {me / ms:.2f}x, ARI {adjusted_rand_score(exact, res.labels):.3f}",
+          flush=True)
 
 
 def write_store(path: Path, n: int, dim: int, k: int, chunk: int = 16384) -> None:
@@ -64,7 +65,7 @@ def write_store(path: Path, n: int, dim: int, k: int, chunk: int = 16384) -> Non
         arr[s:min(n, s + chunk)] = blobs_chunk(s, min(n, s + chunk), dim, k, seed=2)
 
 
-def child(path: str, micro: int, max_clusters: int) -> None:
+def child(path: str, micro: int, max_clusters: int, threads: int | None) -> None:
     import zarr
 
     from toolkit.analyze.clustering import cluster
@@ -72,7 +73,7 @@ def child(path: str, micro: int, max_clusters: int) -> None:
     x = zarr.open_array(path, mode="r")
     t = time.perf_counter()
     res = cluster(x, n_clusters="auto", max_clusters=max_clusters, standardize=True, n_micro=micro,
-                  scalable_threshold=20_000)
+                  scalable_threshold=20_000, threads=threads)
     dt = time.perf_counter() - t
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB -> GiB
     print(json.dumps({"seconds": dt, "peak_rss_gib": peak, "mode": res.mode, "k": res.n_clusters,
@@ -88,20 +89,22 @@ def main() -> None:
     ap.add_argument("--max-clusters", type=int, default=20)
     ap.add_argument("--ref-n", type=int, default=5000)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None, help="BLAS/OpenMP threads of k-means (default: all)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
-        child(a.child, a.micro, a.max_clusters)
+        child(a.child, a.micro, a.max_clusters, a.threads)
         return
-    part_reference(a.ref_n, a.dim, a.k, a.repeats, min(a.micro, a.ref_n // 5))
+    part_reference(a.ref_n, a.dim, a.k, a.repeats, min(a.micro, a.ref_n // 5), a.threads)
     with tempfile.TemporaryDirectory(prefix="clustering_scale_") as tmp:
         store = Path(tmp) / "emb.zarr"
         t = time.perf_counter()
         write_store(store, a.n, a.dim, a.k)
         print(f"[scale] wrote {a.n} x {a.dim} float32 ({a.n * a.dim * 4 / 2**30:.2f} GiB) to Zarr in "
-              f"{time.perf_counter() - t:.1f} s")
-        out = subprocess.run([sys.executable, __file__, "--child", str(store), "--micro", str(a.micro),
-                              "--max-clusters", str(a.max_clusters)], capture_output=True, text=True, check=True)
+              f"{time.perf_counter() - t:.1f} s", flush=True)
+        cmd = [sys.executable, __file__, "--child", str(store), "--micro", str(a.micro), "--max-clusters",
+               str(a.max_clusters)] + (["--threads", str(a.threads)] if a.threads else [])
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
         r = json.loads(out.stdout.strip().splitlines()[-1])
         print(f"[scale] N={r['n']} D={a.dim}: scalable Ward ({r['micro_clusters']} micro-clusters) -> k={r['k']} "
               f"in {r['seconds']:.1f} s, peak RSS {r['peak_rss_gib']:.2f} GiB (limit 24 GiB)")

@@ -56,6 +56,7 @@ def analyzed(tmp_path_factory):
     return {"cfg": cfg, "run": run, "result": result, "root": root}
 
 
+@pytest.mark.slow  # module fixture: prepare + embed + analyze of 240 materials, ~1-2 min on 2 idle cores
 def test_outputs_and_schema(analyzed):
     run, res = analyzed["run"], analyzed["result"]
     out = run / "analyze"
@@ -96,6 +97,7 @@ def test_outputs_and_schema(analyzed):
     assert "http://" not in html and "https://" not in html and "<script" not in html
 
 
+@pytest.mark.slow  # module fixture: prepare + embed + analyze of 240 materials, ~1-2 min on 2 idle cores
 def test_benchmark_recovery(analyzed):
     """precision@3 of the planted drivers (anion, cation class, bond length, coordination) among
     each cluster's top-3 descriptors. Threshold: 0.5 on the reference-spectra clustering, i.e.
@@ -136,6 +138,7 @@ def test_enrichment_finds_a_planted_category():
     assert all(r["q"] > 1e-3 for r in ranked[1][1:])
 
 
+@pytest.mark.slow  # module fixture: prepare + embed + analyze of 240 materials, ~1-2 min on 2 idle cores
 def test_every_figure_when_descriptors_are_missing(analyzed, tmp_path):
     """Drop every element column, NaN the onset of all materials and half of the coordination and
     bond-length values: every figure, the JSON and the report are still produced."""
@@ -168,3 +171,13 @@ def test_every_figure_when_descriptors_are_missing(analyzed, tmp_path):
     html = (out / "report" / "index.html").read_text()
     assert html.count("data:image/png;base64,") == 11
     assert json.loads((out / "attribution.json").read_text())["descriptors"]["n_failures"] >= len(t.ids)
+
+
+@pytest.mark.slow  # module fixture: prepare + embed + analyze of 240 materials, ~1-2 min on 2 idle cores
+def test_clear_errors(analyzed, tmp_path):
+    with pytest.raises(analyze.AnalyzeError, match="dataset.zarr"):
+        analyze.run(_cfg(tmp_path), tmp_path)
+    cfg = _cfg(analyzed["root"], layers=["gcn_1", "no_such_layer"])
+    inp = analyze.load_inputs(cfg, analyzed["run"])
+    with pytest.raises(analyze.AnalyzeError, match=r"no_such_layer.*choose from"):
+        analyze.analyze_inputs(cfg, inp)

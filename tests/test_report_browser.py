@@ -12,12 +12,12 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from toolkit import analyze
 from toolkit.config import load_config
 from toolkit.data import prepare
 
@@ -102,10 +102,15 @@ class DevTools:
 @pytest.fixture(scope="module")
 def report(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("report")
-    cfg = load_config(None, {"data": {"benchmark": {"n_materials": 60}, "shard_size": 60, "workers": 1},
-                             "analyze": {"workers": 1, "permutation_repeats": 2, "probe_folds": 3, "max_clusters": 6}})
-    prepare.run(cfg, root)
-    analyze.run(cfg, root)
+    sets = ["data.benchmark.n_materials=60", "data.shard_size=60", "data.workers=1", "analyze.workers=1",
+            "analyze.permutation_repeats=2", "analyze.probe_folds=3", "analyze.max_clusters=6"]
+    prepare.run(load_config(None, sets), root)
+    # the stage through the real command line, in its own process
+    args = [sys.executable, "-m", "toolkit.cli", "analyze", "--run-dir", str(root)]
+    for s in sets:
+        args += ["--set", s]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
     return root / "analyze" / "report" / "index.html"
 
 

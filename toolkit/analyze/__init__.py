@@ -217,6 +217,7 @@ def analyze_inputs(cfg, inp: Inputs) -> dict[str, Any]:
     t0 = time.time()
     run_dir, reader, emb, rows, ids, has_spec = inp.run_dir, inp.reader, inp.emb, inp.rows, inp.ids, inp.has_spec
     table, energy, reference, predicted = inp.table, inp.energy, inp.reference, inp.predicted
+    layer_names = _layers(cfg, emb)  # validate before writing anything
     out = run_dir / "analyze"
     out.mkdir(parents=True, exist_ok=True)
     a = cfg.analyze
@@ -229,14 +230,14 @@ def analyze_inputs(cfg, inp: Inputs) -> dict[str, Any]:
     labels_all: dict[str, np.ndarray] = {}
     probes: dict[str, dict] = {}
     targets = prb.probe_targets(table)
-    for name in _layers(cfg, emb):
+    for name in layer_names:
         x, mask = _features(name, cfg, emb, reader, rows, has_spec)
         if mask.sum() < 3:
             log.warning("analyze: %s covers %d materials; skipped", name, int(mask.sum()))
             continue
         res = cluster(x, n_clusters=a.n_clusters, max_clusters=a.max_clusters, standardize=a.standardize,
                       pca_components=a.pca_components, scalable_threshold=a.scalable_threshold,
-                      n_micro=a.micro_clusters, seed=a.seed)
+                      n_micro=a.micro_clusters, seed=a.seed, threads=a.workers)
         labels = np.full(len(rows), -1, dtype=np.int32)
         labels[mask] = res.labels
         labels_all[name] = labels

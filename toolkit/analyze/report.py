@@ -55,6 +55,27 @@ def cluster_summary(c: int, size: int, onset: dict | None, ranked: list[dict], n
     return ", ".join(parts)
 
 
+def where_structure_becomes_spectrum(attribution: dict[str, Any]) -> str:
+    """One sentence from the layer comparison and the probes (model layers only, not the baselines)."""
+    layers = {n: L for n, L in attribution["layers"].items() if not n.startswith("spectrum_")}
+    if not layers:
+        return "No model layers were analysed (no embeddings): only the spectra baselines are shown."
+    parts = []
+    ami = {n: L["ami_reference"] for n, L in layers.items() if L.get("ami_reference") is not None}
+    if ami:
+        best = max(ami, key=ami.get)
+        parts.append(f"The clusters of {best} agree best with the clusters of the reference spectra (AMI {ami[best]:.2f}"
+                     f"; {', '.join(f'{n} {v:.2f}' for n, v in ami.items())}).")
+    probes = attribution.get("probes", {})
+    for target, what in (("cn_mean", "the mean coordination number"), ("bond_length_mean", "the mean bond length"),
+                         ("onset", "the absorption onset")):
+        sc = {n: probes[n][target]["score"] for n in layers if target in probes.get(n, {})}
+        if sc:
+            best = max(sc, key=sc.get)
+            parts.append(f"{what.capitalize()} is linearly decodable best from {best} (R² {sc[best]:.2f}).")
+    return " ".join(parts) or "No layer comparison is available."
+
+
 def _table(header: list[str], rows: list[list[Any]]) -> str:
     h = "".join(f"<th>{html.escape(str(x))}</th>" for x in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(x))}</td>" for x in r) + "</tr>" for r in rows)
@@ -84,6 +105,7 @@ def render(attribution: dict[str, Any], figures: dict[str, dict[str, str]], out:
              "" if L["surrogate"].get("holdout_balanced_accuracy") is None else f"{L['surrogate']['holdout_balanced_accuracy']:.2f}"]
             for n, L in layers.items()]
     ov.append(_table(["clustering", "clusters", "mode", "AMI vs reference spectra", "surrogate balanced accuracy"], rows))
+    ov.append(f"<p>{html.escape(where_structure_becomes_spectrum(attribution))}</p>")
     glob = figures.get("_global", {})
     lay = [_img(glob["layers"], "layer comparison")] if "layers" in glob else ["<p>No layer comparison.</p>"]
     probes = attribution.get("probes", {})
