@@ -161,7 +161,7 @@ def element_maps(enrich: dict[int, dict[str, float]], title: str):
     k = len(enrich)
     ncol = min(4, k)
     nrow = (k + ncol - 1) // ncol
-    fig, axes = plt.subplots(nrow, ncol, figsize=(3.6 * ncol, 2.3 * nrow), squeeze=False)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(4.8 * ncol, 3.0 * nrow), squeeze=False)
     for ax in axes.ravel()[k:]:
         ax.axis("off")
     vals = [v for d in enrich.values() for v in d.values()]
@@ -183,7 +183,7 @@ def element_maps(enrich: dict[int, dict[str, float]], title: str):
                 continue
             r, g = pos
             ax.add_patch(plt.Rectangle((g - 0.45, r - 0.45), 0.9, 0.9, color=cmap(norm(v))))
-            ax.text(g, r, sym, ha="center", va="center", fontsize=4.5)
+            ax.text(g, r, sym, ha="center", va="center", fontsize=5.5)
     fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=axes.ravel().tolist(), shrink=0.6,
                  label="log2 enrichment")
     fig.suptitle(f"{title}: element enrichment per cluster", fontsize=10)
