@@ -92,6 +92,9 @@ def main() -> int:
     ap.add_argument("--hidden", type=int, default=64, help="model hidden features")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--top", type=int, default=15)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (1: on a shared machine with load > cores, 2 OpenMP threads made "
+                         "index_add_ 25-60x slower than 1; see docs/performance.md)")
     ap.add_argument("--work-dir", type=Path, default=None, help="default: a temporary folder")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
@@ -102,7 +105,7 @@ def main() -> int:
     from toolkit.config import load_config
     from toolkit.data import prepare
 
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(args.threads)
     tmp = tempfile.TemporaryDirectory() if args.work_dir is None else None
     run_dir = Path(tmp.name if tmp else args.work_dir)
     cfg = load_config(None, [f"{k}={v}" for k, v in {
