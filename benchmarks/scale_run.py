@@ -106,8 +106,10 @@ def config(args: argparse.Namespace, work: Path) -> Path:
                  "workers": args.workers},
         "embed": {"workers": args.workers, "shard_size": args.shard_size, "batch_size": 64, "device": "cpu",
                   "checkpoint": str(args.checkpoint or work / "train" / "train" / "best.pt")},
+        # structure-only data: no 'spectrum_reference' baseline (the default layer list includes it and
+        # analyze then fails with "no materials selected for column 'spectrum'")
         "analyze": {"workers": args.workers, "coordination": args.coordination, "max_clusters": 10,
-                    "permutation_repeats": 2, "seed": 0},
+                    "permutation_repeats": 2, "seed": 0, "layers": args.analyze_layers.split(",")},
     }
     path = work / "scale.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -154,7 +156,9 @@ def main() -> int:
     ap.add_argument("--train-epochs", type=int, default=3)
     ap.add_argument("--checkpoint", type=Path, default=None, help="use this model instead of training one")
     ap.add_argument("--coordination", choices=["cutoff", "crystalnn"], default="cutoff")
-    ap.add_argument("--stages", default="prepare,embed,analyze")
+    ap.add_argument("--analyze-layers", default="alignn_4,gcn_4,readout,spectrum_predicted",
+                    help="analyze.layers (comma-separated)")
+    ap.add_argument("--stages", default="prepare,embed,analyze", help="re-run a subset; earlier records are kept")
     ap.add_argument("--clean", action="store_true", help="delete the work dir first (default: resume)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
@@ -168,8 +172,13 @@ def main() -> int:
                               "shard_size": args.shard_size, "coordination": args.coordination,
                               "model": "hidden 64, embedding 32, 4 ALIGNN + 4 GCN layers, 1501 outputs, fp32 CPU",
                               "work_dir": str(work), "load_avg_start": os.getloadavg()[0]}
-    stages: list[dict] = []
+    record_file = work / "stages.json"  # stage records of earlier invocations (a re-run replaces a stage's)
+    stages: list[dict] = json.loads(record_file.read_text()) if record_file.exists() else []
     sizes: dict[str, int] = {}
+
+    def add(rec: dict) -> None:
+        stages[:] = [s for s in stages if s["stage"] != rec["stage"]] + [rec]
+        record_file.write_text(json.dumps(stages, indent=1))
 
     def report(partial: bool) -> None:
         params["partial"] = partial
@@ -182,18 +191,18 @@ def main() -> int:
     params["structures_jsonl_bytes"] = (work / "structures.jsonl").stat().st_size
     print(f"structures.jsonl: {args.n} records in {gen_s:.1f} s", flush=True)
 
-    if args.checkpoint is None:
+    if args.checkpoint is None and not (work / "train" / "train" / "best.pt").exists():
         tdir, tcfg = work / "train", train_config(args, work)
         for name, cmd in (("train_prepare", ["prepare"]), ("train", ["train"])):
             rec = run_stage(name, [*cmd, "--config", str(tcfg), "--run-dir", str(tdir)], logs)
-            stages.append(rec)
+            add(rec)
             if rec["rc"] != 0:
                 report(True)
                 return 1
     cfg, rdir = config(args, work), work / "run"
     for stage in args.stages.split(","):
         rec = run_stage(stage, [stage, "--config", str(cfg), "--run-dir", str(rdir)], logs)
-        stages.append(rec)
+        add(rec)
         for store in ("dataset.zarr", "embeddings.zarr"):
             if (rdir / store).exists():
                 sizes[store] = du_bytes(rdir / store)
