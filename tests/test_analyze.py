@@ -181,3 +181,17 @@ def test_clear_errors(analyzed, tmp_path):
     inp = analyze.load_inputs(cfg, analyzed["run"])
     with pytest.raises(analyze.AnalyzeError, match=r"no_such_layer.*choose from"):
         analyze.analyze_inputs(cfg, inp)
+
+
+def test_structure_only_dataset_without_embeddings_is_a_clear_error(shared_data, tmp_path):
+    """No spectra and no embeddings: the reference baseline is not in the default layers, so there is
+    nothing to cluster, and analyze says so (after computing and caching the descriptors)."""
+    lines = (shared_data / "mp_structures" / "mp_structures.jsonl").read_text().splitlines()[:12]
+    src = tmp_path / "s.jsonl"
+    src.write_text("\n".join(lines) + "\n")
+    cfg = load_config(None, {"data": {"source": "jsonl", "path": str(src), "shard_size": 12, "workers": 1},
+                             "analyze": {"workers": 1, "coordination": "cutoff"}})
+    prepare.run(cfg, tmp_path / "run")
+    with pytest.raises(analyze.AnalyzeError, match="nothing to analyse"):
+        analyze.run(cfg, tmp_path / "run")
+    assert list((tmp_path / "run" / "analyze" / "descriptor_cache").glob("*/block-*.json"))

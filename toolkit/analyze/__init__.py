@@ -99,10 +99,13 @@ def descriptors_for(cfg, run_dir: Path, reader, rows: np.ndarray, predicted: np.
     return table, {"dataset_hash": h, "coordination": coord, "blocks_computed": computed}
 
 
-def _layers(cfg, emb) -> list[str]:
+def _layers(cfg, emb, any_spectrum: bool = True) -> list[str]:
     avail = list(emb.attrs.get("layers", [])) if emb is not None else []
-    default = [*avail, REFERENCE] + ([PREDICTED] if emb is not None else [])
+    default = [*avail] + ([REFERENCE] if any_spectrum else []) + ([PREDICTED] if emb is not None else [])
     want = cfg.analyze.layers or default
+    if not want:
+        raise AnalyzeError("nothing to analyse: no embeddings.zarr in the run directory (run `spectrolens embed`) "
+                           "and no material of dataset.zarr has a reference spectrum")
     ok = set(default)
     bad = [n for n in want if n not in ok]
     if bad:
@@ -110,10 +113,10 @@ def _layers(cfg, emb) -> list[str]:
     return list(want)
 
 
-def _features(name: str, cfg, emb, reader, rows: np.ndarray, has_spec: np.ndarray):
+def _features(name: str, cfg, emb, reference: np.ndarray | None, has_spec: np.ndarray):
     """(feature array-like, mask of population rows it covers)."""
     if name == REFERENCE:
-        return reader.column("spectrum", rows[has_spec]), has_spec
+        return reference[has_spec], has_spec
     if name == PREDICTED:
         return emb["prediction"], np.ones(len(rows), bool)
     key = f"layers/{name}/{cfg.analyze.pooling}"
@@ -172,7 +175,7 @@ class Inputs:
     ids: list[str]
     has_spec: np.ndarray
     energy: np.ndarray
-    reference: np.ndarray  # (N, G) float32 reference spectra (NaN = masked)
+    reference: np.ndarray | None  # (N, G) float32 reference spectra (NaN = masked / none); None if no material has one
     predicted: np.ndarray | None  # (N, G) float32 model predictions
     table: Any  # DescriptorTable
     dinfo: dict[str, Any]
@@ -193,8 +196,13 @@ def load_inputs(cfg, run_dir: Path) -> Inputs:
         rows = np.arange(len(reader), dtype=np.int64)
     predicted = np.asarray(emb["prediction"][:], dtype=np.float32) if emb is not None else None
     table, dinfo = descriptors_for(cfg, run_dir, reader, rows, predicted)
-    return Inputs(run_dir, reader, emb, rows, [str(x) for x in reader.ids[rows]], reader.has_spectrum[rows],
-                  reader.energy, reader.column("spectrum", rows).astype(np.float32), predicted, table, dinfo)
+    has_spec = reader.has_spectrum[rows]
+    reference = None
+    if has_spec.any():  # read only the rows that have a spectrum
+        reference = np.full((len(rows), len(reader.energy)), np.nan, dtype=np.float32)
+        reference[has_spec] = reader.column("spectrum", rows[has_spec])
+    return Inputs(run_dir, reader, emb, rows, [str(x) for x in reader.ids[rows]], has_spec,
+                  reader.energy, reference, predicted, table, dinfo)
 
 
 def run(cfg, run_dir: Path) -> dict[str, Any]:
@@ -217,7 +225,7 @@ def analyze_inputs(cfg, inp: Inputs) -> dict[str, Any]:
     t0 = time.time()
     run_dir, reader, emb, rows, ids, has_spec = inp.run_dir, inp.reader, inp.emb, inp.rows, inp.ids, inp.has_spec
     table, energy, reference, predicted = inp.table, inp.energy, inp.reference, inp.predicted
-    layer_names = _layers(cfg, emb)  # validate before writing anything
+    layer_names = _layers(cfg, emb, bool(has_spec.any()))  # validate before writing anything
     out = run_dir / "analyze"
     out.mkdir(parents=True, exist_ok=True)
     a = cfg.analyze
@@ -231,7 +239,7 @@ def analyze_inputs(cfg, inp: Inputs) -> dict[str, Any]:
     probes: dict[str, dict] = {}
     targets = prb.probe_targets(table)
     for name in layer_names:
-        x, mask = _features(name, cfg, emb, reader, rows, has_spec)
+        x, mask = _features(name, cfg, emb, reference, has_spec)
         if mask.sum() < 3:
             log.warning("analyze: %s covers %d materials; skipped", name, int(mask.sum()))
             continue
@@ -250,7 +258,7 @@ def analyze_inputs(cfg, inp: Inputs) -> dict[str, Any]:
         fit_rows = _subsample(len(sub.ids), a.seed)
         fit_sub = DescriptorTable([sub.ids[i] for i in fit_rows], sub.names, sub.values[fit_rows], [])
         surrogate = attr.surrogate_importance(res.labels[fit_rows], fit_sub, cand[:60], a.permutation_repeats, a.seed)
-        sig = attr.spectral_signature(res.labels, energy, reference[mask],
+        sig = attr.spectral_signature(res.labels, energy, reference[mask] if reference is not None else None,
                                       predicted[mask] if predicted is not None else None, onset[mask])
         enrich_el = attr.element_enrichment(res.labels, sub)
         member_ids = np.array(sub.ids)
