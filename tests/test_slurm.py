@@ -1,7 +1,7 @@
 """The pipeline on a real single-node SLURM cluster with accounting (tests/slurm_cluster.sh).
 
 Real daemons (munged, mariadbd, slurmdbd, slurmctld, slurmd), real submitit jobs, the real stages on
-the embedded benchmark with a tiny config (40 materials, hidden 16, 101 grid points, 3 epochs,
+the embedded benchmark with a tiny config (40 materials, hidden 16, 101 grid points, 6 epochs,
 training as 2 srun tasks over gloo on CPU). Failure tests: scancel the training job and an embed
 array task mid-run, re-run, compare with the uninterrupted run; a failing stage cancels its
 dependants (--kill-on-invalid-dep=yes) and `spectrolens status` points at the failing log.
@@ -34,8 +34,8 @@ TINY = {
     "data": {"source": "benchmark", "benchmark": {"n_materials": 40, "seed": 0},
              "grid": {"start": 0.0, "stop": 15.0, "num": 101}, "shard_size": 10, "workers": 1},
     "model": {"alignn_layers": 1, "gcn_layers": 1, "hidden_features": 16, "embedding_features": 16},
-    "train": {"epochs": 3, "batch_size": 8, "device": "cpu", "progress": False, "seed": 7},
-    "embed": {"workers": 1, "shard_size": 5, "batch_size": 8, "device": "cpu"},
+    "train": {"epochs": 6, "batch_size": 8, "device": "cpu", "progress": False, "seed": 7},
+    "embed": {"workers": 1, "shard_size": 2, "batch_size": 8, "device": "cpu"},
     "analyze": {"workers": 1, "max_clusters": 4, "permutation_repeats": 1, "layers": ["readout"], "probe_folds": 2},
     "executor": {"kind": "slurm", "poll_seconds": 1,
                  "prepare": {"array_tasks": 2, "cpus_per_task": 1, "time_min": 10},
@@ -208,12 +208,9 @@ def test_scancel_training_and_embed_task_then_resume(reference_run, tmp_path):
 
     store = run_dir / "embeddings.zarr"
 
-    def task0_running():
-        st0 = status.slurm_states([emb[0]["job_id"]]).get(emb[0]["job_id"], ("unknown",))[0]
-        assert st0 in ("pending", "running", "unknown"), f"embed task 0 is {st0} before it was cancelled"
-        return st0 == "running"
-
-    _wait(task0_running, 300, "embed array task 0 to start", poll=0.5)
+    # task 0 owns shards 0, 2, .., 18: cancel it right after its first shard's completion record appears
+    _wait(lambda: 0 in done_shards(store) if (store / "zarr.json").exists() else False, 300,
+          "embed shard 0 (task 0's first)", poll=0.05)
     subprocess.run(["scancel", emb[0]["job_id"]], check=True)
     rows = _wait_terminal(run_dir)
     st = {(r.stage, r.task): r.state for r in rows}
@@ -222,12 +219,14 @@ def test_scancel_training_and_embed_task_then_resume(reference_run, tmp_path):
     assert st[("embed", "0")] == "cancelled" and st[("embed", "1")] == "completed"
     assert st[("embed", "finalize")] == st[("analyze", "-")] == "cancelled"
     done_before = done_shards(store)
-    assert {1, 3, 5, 7} <= done_before and not {0, 2, 4, 6} <= done_before, done_before
+    task0 = set(range(0, 20, 2))
+    assert set(range(1, 20, 2)) <= done_before and 0 in done_before, done_before
+    assert not task0 <= done_before, f"task 0 finished all its shards before scancel reached it: {done_before}"
     stamps = {s: (store / "_progress" / f"shard-{s:05d}" / "zarr.json").stat().st_mtime_ns for s in done_before}
 
     # 3) re-run: only the missing shards are computed, the rest is reused
     assert run_pipeline(cfg, run_dir, executor="slurm", wait=True) == 0
-    assert done_shards(store) == set(range(8))
+    assert done_shards(store) == set(range(20))
     assert {s: (store / "_progress" / f"shard-{s:05d}" / "zarr.json").stat().st_mtime_ns for s in done_before} == stamps
     rec = records.load(run_dir)
     assert rec["stages"]["train"]["state"] == "skipped"
