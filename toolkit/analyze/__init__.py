@@ -118,11 +118,11 @@ def _features(name: str, cfg, emb, reference: np.ndarray | None, has_spec: np.nd
     if name == REFERENCE:
         return reference[has_spec], has_spec
     if name == PREDICTED:
-        return emb["prediction"], np.ones(len(rows), bool)
+        return emb["prediction"], np.ones(len(has_spec), bool)
     key = f"layers/{name}/{cfg.analyze.pooling}"
     if key not in emb:
         raise AnalyzeError(f"embeddings store has no {key}; embed with pooling {cfg.analyze.pooling!r} or change analyze.pooling")
-    return emb[key], np.ones(len(rows), bool)
+    return emb[key], np.ones(len(has_spec), bool)
 
 
 def _ranked_json(rs: list[dict], aliases: dict[str, list[str]], top: int = 25) -> list[dict]:

@@ -10,7 +10,6 @@ from pathlib import Path
 from string import Template
 from typing import Any
 
-from toolkit.analyze.descriptors import family
 
 ALPHA = 0.05
 
