@@ -53,3 +53,11 @@ def test_record_run_writes_config_versions_and_seeds(tmp_path):
     info = json.loads((tmp_path / "run_info.json").read_text())
     assert info["seeds"]["train"] == 9 and info["versions"]["torch"]
     assert "prepare" in info["stages"]
+
+
+def test_cli_prints_toolkit_errors_without_traceback(tmp_path, capsys):
+    # embedding a run directory that has no trained model: a clear EmbedError/StoreError, exit 1
+    rc = main(["embed", "--run-dir", str(tmp_path / "empty"), "--verify"])
+    err = capsys.readouterr().err
+    assert rc != 0
+    assert "Traceback" not in err and str(tmp_path / "empty") in err

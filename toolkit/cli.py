@@ -79,6 +79,26 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"spectrolens: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # noqa: BLE001 - only the toolkit's own, explained errors are caught
+        if not _is_user_error(e):
+            raise
+        print(f"spectrolens {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+
+
+#: Errors whose message already says what is wrong and what to change: printed without a traceback.
+_USER_ERRORS = [("toolkit.model.checkpoint", "CheckpointError"), ("toolkit.train.loop", "NonFiniteLossError"),
+                ("toolkit.train.distributed", "DistributedSetupError"), ("toolkit.data.store", "StoreError"),
+                ("toolkit.embed.extract", "EmbedError"), ("toolkit.embed.store", "EmbedStoreError"),
+                ("toolkit.analyze", "AnalyzeError"), ("toolkit.hpc.status", "StatusError")]
+
+
+def _is_user_error(e: BaseException) -> bool:
+    for module, name in _USER_ERRORS:
+        cls = getattr(sys.modules.get(module), name, None)  # only modules that were imported can raise
+        if cls is not None and isinstance(e, cls):
+            return True
+    return False
 
 
 def _dispatch(args: argparse.Namespace) -> int:

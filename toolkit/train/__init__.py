@@ -126,7 +126,8 @@ def _train(cfg, run_dir, train_dir, denv, device, ds, split, stop_after_epoch) -
     flag = StopFlag()
     trainer = Trainer(cfg, model, loaders, train_dir, denv, device, ds.energy, ds.output_features, flag)
     resumed = trainer.resume()
-    metrics = MetricsLog(train_dir, trainer.state.epoch if resumed else 0, tensorboard=denv.is_main)
+    # rank 0 alone owns metrics.jsonl/csv/tb: several ranks rewriting one file race on its temporary name
+    metrics = MetricsLog(train_dir, trainer.state.epoch if resumed else 0) if denv.is_main else None
     try:
         with _stop_signals(flag) as previous:
             try:
@@ -137,7 +138,8 @@ def _train(cfg, run_dir, train_dir, denv, device, ds, split, stop_after_epoch) -
                 _chain_previous_handler(previous, e.signum)
                 raise
     finally:
-        metrics.close()
+        if metrics is not None:
+            metrics.close()
     _write_rank_hash(trainer, train_dir, denv)
     if not state.finished:
         log.info("stopped after epoch %d of %d as asked; re-run to continue", state.epoch, cfg.train.epochs)

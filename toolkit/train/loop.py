@@ -256,7 +256,7 @@ class Trainer:
         m = self.tc.max_checkpoint_minutes
         return m is not None and (time.monotonic() - last_time) >= 60.0 * m
 
-    def fit(self, metrics: MetricsLog, stop_after_epoch: int | None = None) -> TrainState:
+    def fit(self, metrics: MetricsLog | None, stop_after_epoch: int | None = None) -> TrainState:
         """Train from the current state to ``train.epochs`` (or until ``stop_after_epoch`` completed epochs)."""
         from tqdm.auto import tqdm
 
@@ -298,7 +298,7 @@ class Trainer:
                    "train_loss": train_loss[0] / max(train_loss[1], 1), "val_mae": val["mae"],
                    "lr": float(self.optimizer.param_groups[0]["lr"]), "epoch_seconds": time.monotonic() - t0,
                    "best_epoch": self.state.best_epoch}
-            if self.env.is_main:
+            if metrics is not None:
                 metrics.add(row)
             log.info("epoch %d/%d: train loss %.4f, val MAE %.4f%s", self.state.epoch, self.tc.epochs,
                      row["train_loss"], row["val_mae"], " (best)" if improved else "")
