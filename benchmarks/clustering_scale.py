@@ -52,9 +52,11 @@ def part_reference(n: int, dim: int, k: int, repeats: int, micro: int, threads: 
         res = cluster(x, n_clusters=k, standardize=False, scalable_threshold=100, n_micro=micro, threads=threads)
         t_scal.append(time.perf_counter() - t)
     me, ms = float(np.median(t_exact)), float(np.median(t_scal))
+    ari = float(adjusted_rand_score(exact, res.labels))
     print(f"[reference] N={n} D={dim} k={k}: exact scipy Ward median {me:.2f} s, scalable (micro={micro}) "
-          f"median {ms:.2f} s, ratio exact/scalable {me / ms:.2f}x, ARI {adjusted_rand_score(exact, res.labels):.3f}",
+          f"median {ms:.2f} s, ratio exact/scalable {me / ms:.2f}x, ARI {ari:.3f}",
           flush=True)
+    return {"n": n, "exact_s": me, "scalable_s": ms, "ari": ari}
 
 
 def write_store(path: Path, n: int, dim: int, k: int, chunk: int = 16384) -> None:
@@ -91,11 +93,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="BLAS/OpenMP threads of k-means (default: all)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--json", type=Path, default=None, help="write the figures here (benchmarks/run_all)")
     a = ap.parse_args()
     if a.child:
         child(a.child, a.micro, a.max_clusters, a.threads)
         return
-    part_reference(a.ref_n, a.dim, a.k, a.repeats, min(a.micro, a.ref_n // 5), a.threads)
+    ref = part_reference(a.ref_n, a.dim, a.k, a.repeats, min(a.micro, a.ref_n // 5), a.threads)
     with tempfile.TemporaryDirectory(prefix="clustering_scale_") as tmp:
         store = Path(tmp) / "emb.zarr"
         t = time.perf_counter()
@@ -108,6 +111,18 @@ def main() -> None:
         r = json.loads(out.stdout.strip().splitlines()[-1])
         print(f"[scale] N={r['n']} D={a.dim}: scalable Ward ({r['micro_clusters']} micro-clusters) -> k={r['k']} "
               f"in {r['seconds']:.1f} s, peak RSS {r['peak_rss_gib']:.2f} GiB (limit 24 GiB)")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _common import emit
+
+    emit("clustering_scale", [
+        {"what": f"exact scipy Ward vs ours scalable, N={ref['n']} (ours=scalable s, upstream=exact s)",
+         "unit": "s", "ours": ref["scalable_s"], "upstream": ref["exact_s"], "ratio": None},
+        {"what": f"agreement scalable vs exact Ward (adjusted Rand), N={ref['n']}", "unit": "ARI", "ours": ref["ari"],
+         "upstream": None, "ratio": None},
+        {"what": f"scalable Ward on {r['n']} x {a.dim} float32: time", "unit": "s", "ours": r["seconds"],
+         "upstream": None, "ratio": None},
+        {"what": f"scalable Ward on {r['n']} x {a.dim} float32: peak RSS", "unit": "GiB", "ours": r["peak_rss_gib"],
+         "upstream": None, "ratio": None}], {"n": a.n, "dim": a.dim, "micro": a.micro, "threads": a.threads}, a.json)
 
 
 if __name__ == "__main__":

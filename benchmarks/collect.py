@@ -21,9 +21,10 @@ SUITE = [
     ("loader_streaming", "loader_streaming.py", [], ["--parts", "2", "4"]),
     ("model_step", "model_step.py", [], ["--structures", "32", "--repeats", "2"]),
     ("train_throughput", "train_throughput.py", [], ["--structures", "32", "--repeats", "2"]),
-    ("extract_throughput", "extract_throughput.py", [], ["--structures", "32", "--repeats", "2"]),
+    ("extract_throughput", "extract_throughput.py", [], ["--n", "32", "--repeats", "2"]),
     ("descriptors", "descriptors_speed.py", [], ["--structures", "20"]),
-    ("clustering_scale", "clustering_scale.py", [], ["--n", "100000"]),
+    ("clustering_scale", "clustering_scale.py", [], ["--n", "100000", "--ref-n", "2000", "--repeats", "1"]),
+    ("profile_hotpaths", "profile_hotpaths.py", [], ["--n", "64"]),
 ]
 SCALE = ("scale_run", "scale_run.py", [], ["--n", "2000"])
 

@@ -150,6 +150,7 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=4, help="ALIGNN layers = GCN layers")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--json", type=Path, default=None, help="write the figures here (benchmarks/run_all)")
     args = ap.parse_args()
     stable_malloc()
     if args.threads:
@@ -179,6 +180,12 @@ def main() -> int:
     print(f"max |difference| of mean-pooled features, ours vs reference: {diff:.2e}")
     print(f"store size {sum(p.stat().st_size for p in st.store_path(run_dir).rglob('*') if p.is_file()) / 1e6:.1f} MB, "
           f"reference JSON {ref_json.stat().st_size / 1e6:.1f} MB")
+    from _common import emit
+
+    emit("extract_throughput", [{"what": "extraction (ours batched+Zarr vs 1 material/pass+JSON)", "unit": "materials/s",
+                                 "ours": n / med_ours, "upstream": n / med_ref, "ratio": med_ref / med_ours}],
+         {"n": n, "hidden": args.hidden, "layers": args.layers, "batch": args.batch_size, "device": str(device),
+          "threads": torch.get_num_threads(), "repeats": args.repeats, "max_abs_diff": diff}, args.json)
     if args.workdir is None:
         shutil.rmtree(work, ignore_errors=True)
     return 0
