@@ -8,8 +8,7 @@ bash scripts/setup.sh --test || { echo "setup failed" >&2; exit 1; }
 . .venv/bin/activate
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 export MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=1073741824
-# the training-to-target test (marker `learning`, 15+ min) is opt-in: scripts/test.sh -m learning
-python -m pytest -m "not learning" --durations=25 "$@"
+python -m pytest --durations=25 "$@"
 rc=$?
 if [ "$rc" = 5 ]; then echo "pytest collected no tests: treating as failure" >&2; exit 1; fi
 exit "$rc"
