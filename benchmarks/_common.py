@@ -10,14 +10,37 @@ import json
 import os
 import platform
 import statistics
+import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    import argparse
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("SPECTROLENS_SHARED_DATA", REPO.parent / "shared" / "data"))
 MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "1073741824"}
+
+
+def add_step_args(ap: "argparse.ArgumentParser") -> None:
+    """Arguments shared by the model-step and training-throughput benchmarks (the study's model)."""
+    ap.add_argument("--data", type=Path, default=SHARED_DATA / "paper_structures", help="folder of POSCAR files")
+    ap.add_argument("--structures", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--outputs", type=int, default=1501)
+    ap.add_argument("--json", type=Path, default=None, help="also write the result as JSON (benchmarks/collect.py)")
+    ap.add_argument("--no-malloc-tuning", action="store_true")
+
+
+def tune_malloc(disabled: bool = False) -> None:
+    """Re-exec this script with glibc malloc tuned (platform facts: stable, comparable CPU timings)."""
+    if not disabled and any(os.environ.get(k) != v for k, v in MALLOC_ENV.items()):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC_ENV})
 
 
 def machine_info() -> dict[str, Any]:

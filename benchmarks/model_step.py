@@ -16,31 +16,21 @@ glibc malloc is tuned (MALLOC_MMAP_MAX_=0, MALLOC_TRIM_THRESHOLD_) for both unle
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import MALLOC_ENV, SHARED_DATA, emit  # noqa: E402
+from _common import add_step_args, emit, tune_malloc  # noqa: E402
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", type=Path, default=SHARED_DATA / "paper_structures", help="folder of POSCAR files")
-    ap.add_argument("--structures", type=int, default=64)
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--outputs", type=int, default=1501)
-    ap.add_argument("--json", type=Path, default=None, help="also write the result as JSON (benchmarks/collect.py)")
-    ap.add_argument("--no-malloc-tuning", action="store_true")
+    add_step_args(ap)
     args = ap.parse_args()
 
-    if not args.no_malloc_tuning and any(os.environ.get(k) != v for k, v in MALLOC_ENV.items()):
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC_ENV})
+    tune_malloc(args.no_malloc_tuning)
 
     import torch
 

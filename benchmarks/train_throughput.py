@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import statistics
 import sys
 import tempfile
@@ -28,26 +27,17 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import MALLOC_ENV, SHARED_DATA, emit  # noqa: E402
+from _common import add_step_args, emit, tune_malloc  # noqa: E402
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", type=Path, default=SHARED_DATA / "paper_structures", help="folder of POSCAR files")
-    ap.add_argument("--structures", type=int, default=64)
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--outputs", type=int, default=1501)
+    add_step_args(ap)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast for both models")
-    ap.add_argument("--json", type=Path, default=None)
-    ap.add_argument("--no-malloc-tuning", action="store_true")
     args = ap.parse_args()
 
-    if not args.no_malloc_tuning and any(os.environ.get(k) != v for k, v in MALLOC_ENV.items()):
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC_ENV})
+    tune_malloc(args.no_malloc_tuning)
 
     import torch
 
