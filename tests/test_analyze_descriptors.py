@@ -106,3 +106,54 @@ def test_unreadable_structure_is_a_recorded_failure(tmp_path):
     table = build_table(recs)
     assert np.isnan(table.values[1]).all() and table.column("element:Na")[0] == 1.0
     assert Path(tmp_path / "c").is_dir()
+
+
+def _paper_and_mp(shared_data: Path, n: int) -> list[tuple[str, Structure]]:
+    out = [(p.stem, Structure.from_file(p)) for p in sorted((shared_data / "paper_structures").glob("POSCAR_*.vasp"))[:n]]
+    with (shared_data / "mp_structures" / "mp_structures.jsonl").open() as f:
+        for line, _ in zip(f, range(n)):
+            rec = json.loads(line)
+            out.append((rec["material_id"], Structure.from_dict(rec["structure"])))
+    return out
+
+
+def test_min_distance_edges_equal_pymatgen_minimum_distance_nn(shared_data):
+    """The cutoff mode's one-neighbour-list rule finds exactly MinimumDistanceNN(tol=0.2)'s
+    neighbours (same site, same image, same distance) on real study and MP structures."""
+    from pymatgen.analysis.local_env import MinimumDistanceNN
+
+    from toolkit.analyze.descriptors import min_distance_edges
+
+    structs = _paper_and_mp(shared_data, 12)
+    total = 0
+    for name, s in structs:
+        c, p, vecs = min_distance_edges(s)
+        ours = sorted((int(i), int(j), round(float(np.linalg.norm(v)), 6)) for i, j, v in zip(c, p, vecs))
+        ref = sorted((i, n["site_index"], round(float(np.linalg.norm(n["site"].coords - s[i].coords)), 6))
+                     for i, nbrs in enumerate(MinimumDistanceNN(tol=0.2).get_all_nn_info(s)) for n in nbrs)
+        assert ours == ref, name
+        total += len(ours)
+    assert total > 24 * 4  # the comparison covered real bonds
+
+
+def test_cutoff_mode_matches_crystalnn_mode_definitions(shared_data):
+    """Both modes share every definition but the neighbour finder and the oxidation source: on a
+    crystal whose minimum-distance and CrystalNN shells agree the values are identical, and cutoff
+    mode takes oxidation states from the (per-formula cached) charge-balance guess."""
+    from toolkit.analyze.descriptors import _charge_balance
+
+    rocksalt = _proto("Fm-3m", 5.64, ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    a, fa = material_descriptors(rocksalt, "crystalnn")
+    b, fb = material_descriptors(rocksalt, "cutoff")
+    assert not fa and not fb and a.keys() == b.keys()
+    assert all(b[k] == pytest.approx(a[k], abs=1e-9) for k in a)
+    _charge_balance.cache_clear()
+    for _, s in _paper_and_mp(shared_data, 6):
+        vals, fails = material_descriptors(s, "cutoff")
+        guess = _charge_balance(s.composition.reduced_formula)
+        if guess is None:
+            assert "charge balance" in dict(fails)["oxidation"]
+        else:
+            expect = {f"oxidation:{el}{int(round(v)):+d}" for el, v in guess.items() if v > 0}
+            assert {k for k in vals if k.startswith("oxidation:")} == expect
+    assert _charge_balance.cache_info().hits >= 6  # computed once per formula

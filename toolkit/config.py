@@ -178,7 +178,8 @@ class AnalyzeConfig(_Section):
     permutation_repeats: int = Field(5, ge=1)
     coordination: Literal["auto", "crystalnn", "cutoff"] = Field(
         "auto", description="neighbour finder for coordination/bond descriptors; auto: CrystalNN up to "
-        "crystalnn_max_materials, else MinimumDistanceNN(tol=0.2)")
+        "crystalnn_max_materials, else the minimum-distance rule (MinimumDistanceNN(tol=0.2)) with "
+        "charge-balance oxidation states (docs/report.md)")
     crystalnn_max_materials: int = Field(20_000, ge=1)
     probe_folds: int = Field(5, ge=2)
     workers: int = Field(2, ge=1)
