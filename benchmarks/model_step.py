@@ -35,9 +35,7 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from test_model_upstream_parity import (graphbatch_from_upstream, upstream_graph_pairs,
-                                            upstream_pure_model)
+    from toolkit.compat.upstream import graphbatch_from_upstream, upstream_graph_pairs, upstream_pure_model
     from alignn.torch_graph_builder import batch_torch_graph_pairs
 
     from toolkit.config import ModelConfig

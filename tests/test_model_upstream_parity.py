@@ -15,51 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from toolkit.compat.upstream import STUDY, graphbatch_from_upstream, upstream_graph_pairs, upstream_pure_model
 from toolkit.config import ModelConfig
-from toolkit.data.batch import GraphBatch
 from toolkit.model import build_model, load_upstream_checkpoint
 from toolkit.model.checkpoint import CheckpointError, load_matching, upstream_graph_config, upstream_state_dict
 
 pytestmark = pytest.mark.upstream
 alignn_pure = pytest.importorskip("alignn.models.alignn_atomwise_pure")
-
-STUDY = dict(alignn_layers=4, gcn_layers=4, atom_input_features=92, edge_input_features=80,
-             triplet_input_features=40, embedding_features=64, hidden_features=256, output_features=1501)
-
-
-def upstream_graph_pairs(poscars: list[Path], cutoff: float = 8.0, max_neighbors: int = 12) -> list:
-    """(g, lg) TorchGraph pairs from upstream's pure-torch builder (its graph, its features)."""
-    from jarvis.core.atoms import Atoms
-
-    from alignn.torch_graph_builder import build_pure_torch_graph
-
-    return [build_pure_torch_graph(Atoms.from_poscar(str(p)), two_body_cutoff=cutoff, max_neighbors=max_neighbors,
-                                   use_matscipy_topology=False) for p in poscars]
-
-
-def graphbatch_from_upstream(pairs: list) -> GraphBatch:
-    """Our GraphBatch of exactly the graphs upstream sees (global indices, ALIGNN conventions)."""
-    from alignn.torch_graph_builder import batch_torch_graph_pairs
-
-    g, lg = batch_torch_graph_pairs(pairs)
-    n_atoms = g.batch_num_nodes.long()
-    return GraphBatch(
-        atomic_numbers=g.ndata["Z"].long(),
-        edge_index=torch.stack([g.src, g.dst]).long(),
-        edge_vec=g.edata["r"].float().contiguous(),
-        line_index=torch.stack([lg.src, lg.dst]).long(),
-        atom_batch=torch.repeat_interleave(torch.arange(len(pairs)), n_atoms),
-        n_atoms=n_atoms,
-        n_edges=g.batch_num_edges.long(),
-        index=torch.arange(len(pairs)),
-    )
-
-
-def upstream_pure_model(**kw):
-    cfg = alignn_pure.ALIGNNAtomWisePureConfig(name="alignn_atomwise_pure", calculate_gradient=False,
-                                               use_zbl=False, energy_mult_natoms=False, **kw)
-    return alignn_pure.ALIGNNAtomWisePure(cfg)
-
 
 @pytest.fixture(scope="module")
 def poscars(shared_data: Path) -> list[Path]:
