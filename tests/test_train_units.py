@@ -52,6 +52,20 @@ def test_discover_slurm_single_task_is_single_process():
     assert env.world_size == 1 and not env.distributed
 
 
+def test_cpu_threads_never_oversubscribe_the_node():
+    """OMP_NUM_THREADS wins; a launcher's CPU binding is used as is; otherwise the node's CPUs are
+    shared among this node's ranks (torchrun, Open MPI, SLURM task counts)."""
+    node = set(range(16))
+    assert D.cpu_threads({"OMP_NUM_THREADS": "3"}, node, 16) == (3, "OMP_NUM_THREADS")
+    assert D.cpu_threads({}, node, 16)[0] == 16
+    assert D.cpu_threads({"LOCAL_WORLD_SIZE": "4"}, node, 16)[0] == 4
+    assert D.cpu_threads({"OMPI_COMM_WORLD_LOCAL_SIZE": "3"}, node, 16)[0] == 5
+    assert D.cpu_threads({"SLURM_TASKS_PER_NODE": "8(x2)"}, node, 16)[0] == 2
+    assert D.cpu_threads({"LOCAL_WORLD_SIZE": "32"}, node, 16)[0] == 1
+    threads, why = D.cpu_threads({"LOCAL_WORLD_SIZE": "4"}, {0, 1, 2}, 16)  # bound by the launcher
+    assert threads == 3 and "affinity" in why
+
+
 def test_slurm_hostnames_expands_ranges():
     assert D.slurm_hostnames("node[01-03],login") == ["node01", "node02", "node03", "login"]
 

@@ -96,6 +96,10 @@ def run(cfg: PipelineConfig, run_dir: Path, *, stop_after_epoch: int | None = No
     device = D.select_device(cfg.train.device, denv)
     backend = D.select_backend(cfg.train.dist_backend, device)
     with task_log(run_dir, "train", f"rank{denv.rank}"):
+        if device.type == "cpu":
+            threads, why = D.cpu_threads()
+            torch.set_num_threads(threads)
+            log.info("CPU training with %d intra-op thread(s): %s", threads, why)
         if _finished(train_dir):
             log.info("training in %s is finished (metrics.json and best.pt exist): not retraining; delete %s "
                      "to train again", train_dir, train_dir)

@@ -138,6 +138,35 @@ def discover(environ: Mapping[str, str] | None = None) -> DistEnv:
     return DistEnv()
 
 
+def _local_world_size(env: Mapping[str, str]) -> int:
+    """Ranks of this job on this node, from the launcher's environment (1 when unknown)."""
+    n = _int(env, "LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "PMI_LOCAL_SIZE")
+    if n is None and env.get("SLURM_STEP_TASKS_PER_NODE", env.get("SLURM_TASKS_PER_NODE")):
+        first = env.get("SLURM_STEP_TASKS_PER_NODE", env.get("SLURM_TASKS_PER_NODE", "")).split(",")[0]
+        n = int(first.split("(")[0]) if first.split("(")[0].isdigit() else None
+    return max(1, n or 1)
+
+
+def cpu_threads(environ: Mapping[str, str] | None = None, affinity: set[int] | None = None,
+                node_cpus: int | None = None) -> tuple[int, str]:
+    """Intra-op threads for one CPU training rank, and why.
+
+    ``OMP_NUM_THREADS`` wins. Otherwise, when the launcher pinned this process to fewer CPUs than
+    the node has (SLURM cgroups / srun binding, ``mpiexec --bind-to``), use all of those; else share the
+    node's CPUs among this node's ranks. torch's default (every core, in every rank) oversubscribes
+    a node running several ranks, and the message-passing scatter is 25-60x slower under contention
+    (docs/performance.md)."""
+    env = os.environ if environ is None else environ
+    if env.get("OMP_NUM_THREADS", "").isdigit() and int(env["OMP_NUM_THREADS"]) > 0:
+        return int(env["OMP_NUM_THREADS"]), "OMP_NUM_THREADS"
+    cpus = affinity if affinity is not None else os.sched_getaffinity(0)
+    total = node_cpus or os.cpu_count() or len(cpus)
+    if len(cpus) < total:
+        return len(cpus), f"CPU affinity ({len(cpus)} of {total} CPUs)"
+    local = _local_world_size(env)
+    return max(1, len(cpus) // local), f"{len(cpus)} CPUs shared by {local} rank(s) on this node"
+
+
 def select_device(requested: str, dist_env: DistEnv) -> torch.device:
     """``auto`` -> ``cuda:<local_rank>`` when a GPU is visible, else CPU."""
     if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
