@@ -206,8 +206,12 @@ def load_inputs(cfg, run_dir: Path) -> Inputs:
 
 
 def run(cfg, run_dir: Path) -> dict[str, Any]:
-    """The analyze stage (one process; cfg.analyze.workers processes for descriptors)."""
-    return analyze_inputs(cfg, load_inputs(cfg, run_dir))
+    """The analyze stage (one process; cfg.analyze.workers processes for descriptors). Logs to
+    ``RUN_DIR/logs/analyze/job.log`` (local CLI and SLURM job alike)."""
+    from toolkit.hpc.stages import task_log
+
+    with task_log(run_dir, "analyze", "job"):
+        return analyze_inputs(cfg, load_inputs(cfg, run_dir))
 
 
 def analyze_inputs(cfg, inp: Inputs) -> dict[str, Any]:

@@ -136,18 +136,28 @@ def surrogate_importance(labels: np.ndarray, table: DescriptorTable, names: list
                             for i in order}}
 
 
+SIGNATURE_MAX = 20_000  # spectra per cluster used for the spectral signature (a seeded sample above)
+
+
 def spectral_signature(labels: np.ndarray, energy: np.ndarray, reference: np.ndarray | None,
-                       predicted: np.ndarray | None, onset: np.ndarray | None) -> dict[int, dict]:
+                       predicted: np.ndarray | None, onset: np.ndarray | None, seed: int = 0) -> dict[int, dict]:
     """Per cluster: mean and 10/90 % percentile band of reference and predicted spectra (log10 α on
-    the energy grid, NaN-aware), and the onset distribution (eV)."""
+    the energy grid, NaN-aware), and the onset distribution (eV). Clusters larger than
+    ``SIGNATURE_MAX`` use a seeded random sample of that many members for the spectra (recorded as
+    ``spectra_sampled``), which bounds the memory at 20,000 x grid float64 per cluster."""
     out: dict[int, dict] = {}
+    rng = np.random.default_rng(seed)
     for c in np.unique(labels):
         m = labels == c
         sig: dict[str, Any] = {"size": int(m.sum())}
+        rows = np.flatnonzero(m)
+        if len(rows) > SIGNATURE_MAX:
+            rows = np.sort(rng.choice(rows, size=SIGNATURE_MAX, replace=False))
+            sig["spectra_sampled"] = SIGNATURE_MAX
         for key, spec in (("reference", reference), ("predicted", predicted)):
             if spec is None:
                 continue
-            s = np.asarray(spec[m], dtype=np.float64)
+            s = np.asarray(spec[rows], dtype=np.float64)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)
                 sig[key] = {"mean": np.nanmean(s, 0), "std": np.nanstd(s, 0), "p10": np.nanpercentile(s, 10, 0),

@@ -40,6 +40,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -439,18 +440,25 @@ def structural_descriptors(arrays: StructureArrays, cache_dir: Path, workers: in
     if todo:
         log.info("descriptors: %d of %d blocks to compute (%s, %d workers)", len(todo), len(blocks), coordination, workers)
         jobs = [(b, [arrays.item(i) for i in range(b * block, min(n, (b + 1) * block))], coordination) for b in todo]
+        t0, step = time.monotonic(), max(1, len(jobs) // 10)
+
+        def done(k: int, b: int, recs: list[dict]) -> None:
+            _save_block(cache_dir, b, recs)
+            if (k + 1) % step == 0 or k + 1 == len(jobs):
+                rate = sum(len(j[1]) for j in jobs[: k + 1]) / max(time.monotonic() - t0, 1e-9)
+                log.info("descriptors: %d/%d blocks (%.1f materials/s)", k + 1, len(jobs), rate)
+
         if workers > 1 and len(jobs) > 1:
             with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"),
                                      initializer=_single_threaded) as ex:
-                for b, recs in ex.map(_block_worker, jobs):
-                    _save_block(cache_dir, b, recs)
+                for k, (b, recs) in enumerate(ex.map(_block_worker, jobs)):
+                    done(k, b, recs)
         else:
             from threadpoolctl import threadpool_limits
 
             with threadpool_limits(1):
-                for job in jobs:
-                    b, recs = _block_worker(job)
-                    _save_block(cache_dir, b, recs)
+                for k, job in enumerate(jobs):
+                    done(k, *_block_worker(job))
     recs: list[dict] = []
     for b in blocks:
         recs.extend(json.loads((cache_dir / f"block-{b:06d}.json").read_text()))

@@ -4,7 +4,10 @@ For every layer and probe target, a linear model is fitted on the standardised a
 scored out of fold (``folds``-fold cross-validation, materials missing the target left out):
 
 Activations are standardised and, when wider than 64, projected on their first 64 principal
-components (fitted inside each training fold), which keeps a probe cheap for 1,501-point spectra.
+components, which keeps a probe cheap for 1,501-point spectra. The projection is fitted once per
+layer on all probe rows: it is unsupervised (it sees no target), so fitting it outside the folds
+leaks no target information, and it costs one randomized SVD per layer instead of one per target
+and fold (at 20,000 rows x 1,501 points: 6 minutes -> seconds).
 
 * continuous targets (``cn_mean``, bond lengths, angles, volume, ..., ``onset``): ``RidgeCV``
   (alpha chosen by efficient leave-one-out inside each training fold); score = out-of-fold R^2;
@@ -48,12 +51,15 @@ def probe_targets(table: DescriptorTable, min_class: int = 10, max_categorical: 
     return out + [n for _, n in cats[:max_categorical]]
 
 
-def _pca(x: np.ndarray):
-    """PCA to at most MAX_COMPONENTS (fitted inside each training fold), or a no-op."""
+def _project(x: np.ndarray) -> np.ndarray:
+    """Standardised ``x`` on its first MAX_COMPONENTS principal components (unchanged when narrower)."""
     from sklearn.decomposition import PCA
+    from sklearn.preprocessing import StandardScaler
 
     k = min(MAX_COMPONENTS, x.shape[1], max(1, int(0.5 * x.shape[0])))
-    return PCA(n_components=k, svd_solver="randomized", random_state=0) if k < x.shape[1] else "passthrough"
+    if k >= x.shape[1]:
+        return x
+    return PCA(n_components=k, svd_solver="randomized", random_state=0).fit_transform(StandardScaler().fit_transform(x))
 
 
 def probe_layer(features: np.ndarray, table: DescriptorTable, targets: list[str], folds: int = 5,
@@ -73,6 +79,7 @@ def _probe_layer(x: np.ndarray, table: DescriptorTable, targets: list[str], fold
     mean = np.nanmean(np.where(np.isfinite(x), x, np.nan), axis=0) if not np.isfinite(x).all() else None
     if mean is not None:
         x = np.where(np.isfinite(x), x, np.nan_to_num(mean)[None, :])
+    x = _project(x)
     out: dict[str, dict[str, Any]] = {}
     for t in targets:
         y = table.column(t)
@@ -83,13 +90,13 @@ def _probe_layer(x: np.ndarray, table: DescriptorTable, targets: list[str], fold
             if is_categorical(t):
                 ys = ys.astype(int)
                 cv = StratifiedKFold(n_splits=min(folds, int(np.bincount(ys).min())), shuffle=True, random_state=seed)
-                model = make_pipeline(StandardScaler(), _pca(xs), RidgeClassifierCV(alphas=ALPHAS))
+                model = make_pipeline(StandardScaler(), RidgeClassifierCV(alphas=ALPHAS))
                 dec = cross_val_predict(model, xs, ys, cv=cv, method="decision_function")
                 out[t] = {"kind": "categorical", "metric": "roc_auc", "score": float(roc_auc_score(ys, dec)),
                           "n": int(ok.sum())}
             else:
                 cv = KFold(n_splits=folds, shuffle=True, random_state=seed)
-                model = make_pipeline(StandardScaler(), _pca(xs), RidgeCV(alphas=ALPHAS))
+                model = make_pipeline(StandardScaler(), RidgeCV(alphas=ALPHAS))
                 pred = cross_val_predict(model, xs, ys, cv=cv)
                 out[t] = {"kind": "continuous", "metric": "r2", "score": float(r2_score(ys, pred)), "n": int(ok.sum())}
     return out

@@ -144,8 +144,7 @@ def train_job(cfg: PipelineConfig, run_dir: Path):
 
 
 def analyze(cfg: PipelineConfig, run_dir: Path) -> dict:
-    """The analyze job (one process)."""
+    """The analyze job (one process; it logs to ``logs/analyze/job.log`` itself)."""
     from toolkit import analyze as analyze_stage
 
-    with task_log(run_dir, "analyze", "job"):
-        return analyze_stage.run(cfg, Path(run_dir))
+    return analyze_stage.run(cfg, Path(run_dir))
