@@ -30,7 +30,7 @@ def add_step_args(ap: "argparse.ArgumentParser") -> None:
     ap.add_argument("--structures", type=int, default=64)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=6, help="even: the two sides alternate order (_common.alternating)")
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--outputs", type=int, default=1501)
     ap.add_argument("--json", type=Path, default=None, help="also write the result as JSON (benchmarks/collect.py)")
@@ -74,6 +74,19 @@ def machine_info() -> dict[str, Any]:
     except Exception:  # noqa: BLE001 - optional
         info["alignn"] = None
     return info
+
+
+def alternating(runs: dict[str, Callable[[], Any]], repeats: int) -> dict[str, list[Any]]:
+    """Results of each ``runs`` callable over ``repeats`` rounds, alternating their order (A B, B A,
+    A B, ...). In one process the second of two back-to-back runs is measurably slower (about 5 % for
+    the training step: allocator and cache state left by the first), so a fixed order biases the
+    ratio; alternating cancels it when ``repeats`` is even."""
+    out: dict[str, list[Any]] = {k: [] for k in runs}
+    names = list(runs)
+    for r in range(repeats):
+        for k in (names if r % 2 == 0 else names[::-1]):
+            out[k].append(runs[k]())
+    return out
 
 
 def median_seconds(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> tuple[float, list[float]]:

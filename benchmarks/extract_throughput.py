@@ -34,6 +34,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from _common import alternating, emit  # noqa: E402
 
 from toolkit.config import PipelineConfig, load_config  # noqa: E402
 from toolkit.data import prepare  # noqa: E402
@@ -141,7 +144,7 @@ def check_same(run_dir: Path, ref_json: Path) -> float:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=200, help="structures (first n of mp_structures.jsonl)")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=4, help="even: the two sides alternate order")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--shard-size", type=int, default=1024)
@@ -167,11 +170,11 @@ def main() -> int:
           f"batch {args.batch_size}, shard {args.shard_size}")
     ours(run_dir, cfg)  # warm-up (graphs cache, allocator, kernels)
     reference(run_dir, loaded.model, device, ref_json)
-    t_ours, t_ref = [], []
-    for r in range(args.repeats):
-        t_ref.append(reference(run_dir, loaded.model, device, ref_json))
-        t_ours.append(ours(run_dir, cfg))
-        print(f"  repeat {r}: reference {n / t_ref[-1]:8.1f} materials/s   spectrolens {n / t_ours[-1]:8.1f} materials/s")
+    res = alternating({"reference": lambda: reference(run_dir, loaded.model, device, ref_json),
+                       "ours": lambda: ours(run_dir, cfg)}, args.repeats)
+    t_ours, t_ref = res["ours"], res["reference"]
+    for r, (a, b) in enumerate(zip(t_ref, t_ours)):
+        print(f"  repeat {r}: reference {n / a:8.1f} materials/s   spectrolens {n / b:8.1f} materials/s")
     med_ref, med_ours = statistics.median(t_ref), statistics.median(t_ours)
     diff = check_same(run_dir, ref_json)
     print(f"median reference (1 material/forward, hooks, JSON list): {n / med_ref:8.1f} materials/s ({med_ref:.2f} s)")
@@ -180,8 +183,6 @@ def main() -> int:
     print(f"max |difference| of mean-pooled features, ours vs reference: {diff:.2e}")
     print(f"store size {sum(p.stat().st_size for p in st.store_path(run_dir).rglob('*') if p.is_file()) / 1e6:.1f} MB, "
           f"reference JSON {ref_json.stat().st_size / 1e6:.1f} MB")
-    from _common import emit
-
     emit("extract_throughput", [{"what": "extraction (ours batched+Zarr vs 1 material/pass+JSON)", "unit": "materials/s",
                                  "ours": n / med_ours, "upstream": n / med_ref, "ratio": med_ref / med_ours}],
          {"n": n, "hidden": args.hidden, "layers": args.layers, "batch": args.batch_size, "device": str(device),

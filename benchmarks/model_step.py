@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_step_args, emit, tune_malloc  # noqa: E402
+from _common import add_step_args, alternating, emit, tune_malloc  # noqa: E402
 
 
 def main() -> int:
@@ -84,10 +84,8 @@ def main() -> int:
         torch.nn.functional.l1_loss(ours(our_batches[i]), targets[i]).backward()
 
     timed(step_up), timed(step_ours)  # warm-up
-    r_up, r_ours = [], []
-    for _ in range(args.repeats):
-        r_up.append(timed(step_up))
-        r_ours.append(timed(step_ours))
+    res = alternating({"upstream": lambda: timed(step_up), "ours": lambda: timed(step_ours)}, args.repeats)
+    r_up, r_ours = res["upstream"], res["ours"]
     m_up, m_ours = (statistics.median(r[0] for r in rs) for rs in (r_up, r_ours))
     c_up, c_ours = (statistics.median(r[1] for r in rs) for rs in (r_up, r_ours))
     n = len(pairs)

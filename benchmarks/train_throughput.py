@@ -7,7 +7,8 @@ scheduler); upstream runs ``alignn.models.alignn_atomwise_pure.ALIGNNAtomWisePur
 optimizer, schedule and clipping in a plain loop. Same real structures (the study's POSCARs), same
 graphs (upstream's pure-torch builder, fed to both), same initial weights, the study's
 hyperparameters (4 ALIGNN + 4 GCN layers, hidden 256, embedding 64, 1,501 outputs), batch 16.
-The two models alternate per repeat in one process, so they see the same machine state.
+The two models alternate in one process, in alternating order (``_common.alternating``), so they
+see the same machine state and neither always runs second.
 
     python benchmarks/train_throughput.py [--structures 64] [--batch 16] [--threads 2] [--repeats 5]
     python benchmarks/train_throughput.py --device cuda --bf16        # GPU, bf16 autocast for both
@@ -27,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_step_args, emit, tune_malloc  # noqa: E402
+from _common import add_step_args, alternating, emit, tune_malloc  # noqa: E402
 
 
 def main() -> int:
@@ -122,10 +123,8 @@ def main() -> int:
         return time.perf_counter() - t
 
     epoch_up(), epoch_ours()  # warm-up
-    t_up, t_ours = [], []
-    for _ in range(args.repeats):
-        t_up.append(epoch_up())
-        t_ours.append(epoch_ours())
+    res = alternating({"upstream": epoch_up, "ours": epoch_ours}, args.repeats)
+    t_up, t_ours = res["upstream"], res["ours"]
     m_up, m_ours = statistics.median(t_up), statistics.median(t_ours)
     n = len(pairs)
     print(f"upstream ALIGNNAtomWisePure train step: median {m_up / len(chunks) * 1e3:8.1f} ms/step "

@@ -253,7 +253,8 @@ def analyze_inputs(cfg, inp: Inputs) -> dict[str, Any]:
         labels = np.full(len(rows), -1, dtype=np.int32)
         labels[mask] = res.labels
         labels_all[name] = labels
-        sub = DescriptorTable([i for i, m in zip(ids, mask) if m], table.names, table.values[mask], [])
+        sub = (DescriptorTable(ids, table.names, table.values, []) if mask.all() else  # no N x D copy
+               DescriptorTable([i for i, m in zip(ids, mask) if m], table.names, table.values[mask], []))
         ranked = attr.enrichment(res.labels, sub, names)
         n_tests = sum(len(v) for v in ranked.values())
         cand: list[str] = []
