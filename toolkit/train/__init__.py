@@ -126,7 +126,7 @@ def _train(cfg, run_dir, train_dir, denv, device, ds, split, stop_after_epoch) -
     if cfg.train.init_output_bias:  # overwritten by a resumed checkpoint; consumes no random numbers
         with torch.no_grad():
             model.fc.bias.copy_(torch.from_numpy(ds.mean_spectrum(split.indices("train", ds.ids))))
-    loaders = ds.loaders(split, denv, cfg)
+    loaders = ds.loaders(split, denv, cfg, pin_memory=device.type == "cuda")
     flag = StopFlag()
     trainer = Trainer(cfg, model, loaders, train_dir, denv, device, ds.energy, ds.output_features, flag)
     resumed = trainer.resume()

@@ -56,14 +56,15 @@ class TrainingData:
         mean = np.where(cnt > 0, np.nansum(spec, 0) / np.maximum(cnt, 1), np.nanmean(spec))
         return mean.astype(np.float32)
 
-    def loaders(self, split: Split, denv: DistEnv, cfg: PipelineConfig) -> Loaders:
+    def loaders(self, split: Split, denv: DistEnv, cfg: PipelineConfig, pin_memory: bool = False) -> Loaders:
         """Training: the block-shuffle sampler, a disjoint equal-size slice per rank (resumable mid-epoch).
         Validation: rank ``r`` takes every ``world``-th material (no padding, so no material counts twice).
-        Test: everything, for rank 0's final report."""
+        Test: everything, for rank 0's final report. ``pin_memory`` (on a GPU): batches are collated
+        into page-locked memory, so the trainer's ``non_blocking`` copy overlaps the previous step."""
         from toolkit.data.loader import make_loader
 
         tc = cfg.train
-        kw = dict(batch_size=tc.batch_size, num_workers=tc.num_workers, pin_memory=False)
+        kw = dict(batch_size=tc.batch_size, num_workers=tc.num_workers, pin_memory=pin_memory)
         train = make_loader(self.store_path, split.indices("train", self.ids), shuffle=True, seed=tc.seed,
                             rank=denv.rank, world=denv.world_size, **kw)
         val_idx = split.indices("val", self.ids)[denv.rank::denv.world_size]
