@@ -21,7 +21,8 @@ if TYPE_CHECKING:
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("SPECTROLENS_SHARED_DATA", REPO.parent / "shared" / "data"))
-MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "1073741824"}
+sys.path.insert(0, str(REPO))
+from toolkit.hpc.executors import MALLOC_ENV  # noqa: E402  (one definition: glibc malloc tuning)
 
 
 def add_step_args(ap: "argparse.ArgumentParser") -> None:

@@ -175,10 +175,9 @@ def _worker_env(n_workers: int, task: int, device: str) -> dict[str, str]:
     threads = max(1, len(os.sched_getaffinity(0)) // n_workers)
     env.setdefault("OMP_NUM_THREADS", str(threads))
     env.setdefault("MKL_NUM_THREADS", str(threads))
-    # stable CPU inference speed (see notes/platform-facts.md, "CPU timing")
-    env.setdefault("MALLOC_MMAP_MAX_", "0")
-    env.setdefault("MALLOC_TRIM_THRESHOLD_", str(1 << 30))
-    return env
+    from toolkit.hpc.executors import MALLOC_ENV  # stable CPU inference speed (docs/performance.md)
+
+    return {**MALLOC_ENV, **env}
 
 
 def worker_command(config_file: Path, run_dir: Path, task: int, n_tasks: int) -> list[str]:
