@@ -376,8 +376,9 @@ def _environment(structure, centre: np.ndarray, nbr: np.ndarray, vecs: np.ndarra
         lop = LocalStructOrderParams(list(_LOP))
         box = Lattice.cubic(100.0)
         for i in sites[rep]:
-            v = vecs[centre == i]
-            local = Structure(box, [syms[i], *syms[nbr[centre == i]]], np.vstack([[50.0, 50.0, 50.0], 50.0 + v]),
+            own = centre == i
+            v = vecs[own]
+            local = Structure(box, [syms[i], *syms[nbr[own]]], np.vstack([[50.0, 50.0, 50.0], 50.0 + v]),
                               coords_are_cartesian=True)
             vals[f"coordination:{_polyhedron(lop, local, len(v), v)}"] = 1.0
     return vals
@@ -440,12 +441,14 @@ def structural_descriptors(arrays: StructureArrays, cache_dir: Path, workers: in
     if todo:
         log.info("descriptors: %d of %d blocks to compute (%s, %d workers)", len(todo), len(blocks), coordination, workers)
         jobs = [(b, [arrays.item(i) for i in range(b * block, min(n, (b + 1) * block))], coordination) for b in todo]
-        t0, step = time.monotonic(), max(1, len(jobs) // 10)
+        t0, step, n_done = time.monotonic(), max(1, len(jobs) // 10), 0
 
         def done(k: int, b: int, recs: list[dict]) -> None:
+            nonlocal n_done
             _save_block(cache_dir, b, recs)
+            n_done += len(recs)
             if (k + 1) % step == 0 or k + 1 == len(jobs):
-                rate = sum(len(j[1]) for j in jobs[: k + 1]) / max(time.monotonic() - t0, 1e-9)
+                rate = n_done / max(time.monotonic() - t0, 1e-9)
                 log.info("descriptors: %d/%d blocks (%.1f materials/s)", k + 1, len(jobs), rate)
 
         if workers > 1 and len(jobs) > 1:

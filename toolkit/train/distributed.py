@@ -141,9 +141,9 @@ def discover(environ: Mapping[str, str] | None = None) -> DistEnv:
 def _local_world_size(env: Mapping[str, str]) -> int:
     """Ranks of this job on this node, from the launcher's environment (1 when unknown)."""
     n = _int(env, "LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "PMI_LOCAL_SIZE")
-    if n is None and env.get("SLURM_STEP_TASKS_PER_NODE", env.get("SLURM_TASKS_PER_NODE")):
-        first = env.get("SLURM_STEP_TASKS_PER_NODE", env.get("SLURM_TASKS_PER_NODE", "")).split(",")[0]
-        n = int(first.split("(")[0]) if first.split("(")[0].isdigit() else None
+    if n is None:  # SLURM: "8(x2),4" -> 8 tasks on the first node
+        first = (env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or "").split(",")[0].split("(")[0]
+        n = int(first) if first.isdigit() else None
     return max(1, n or 1)
 
 
