@@ -74,15 +74,17 @@ def test_slurm_hostnames_expands_ranges():
 def test_discover_mpi_broadcasts_rank0_address(tmp_path):
     if not shutil.which("mpiexec"):
         pytest.fail("mpiexec not found: run scripts/setup.sh --test (installs openmpi-bin)")
-    code = ("import json,sys; from toolkit.train import distributed as D; e=D.discover(); "
-            "print(json.dumps([e.rank,e.world_size,e.local_rank,e.master_addr,e.master_port,e.launcher]))")
+    # each rank writes its own file: mpiexec forwards both ranks' stdout and can interleave their lines
+    code = ("import json,sys,pathlib; from toolkit.train import distributed as D; e=D.discover(); "
+            f"pathlib.Path({str(tmp_path)!r}, f'rank{{e.rank}}.json').write_text("
+            "json.dumps([e.rank,e.world_size,e.local_rank,e.master_addr,e.master_port,e.launcher]))")
     env = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
     for k in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"):
         env.pop(k, None)
     out = subprocess.run(["mpiexec", "-n", "2", sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120, env=env)
     assert out.returncode == 0, out.stderr
-    rows = sorted(json.loads(line) for line in out.stdout.splitlines() if line.startswith("["))
+    rows = sorted(json.loads(f.read_text()) for f in tmp_path.glob("rank*.json"))
     assert [r[0] for r in rows] == [0, 1] and all(r[1] == 2 and r[5] == "mpi" for r in rows)
     assert rows[0][3:5] == rows[1][3:5] and rows[0][4] > 0  # same rendezvous on both ranks
 
