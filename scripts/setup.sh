@@ -16,6 +16,7 @@ if [ "$WITH_TEST" = 1 ]; then
   command -v mpiexec >/dev/null || need+=(openmpi-bin libopenmpi-dev)
   command -v slurmctld >/dev/null || need+=(slurm-wlm slurmdbd munge mariadb-server libpmix-dev)
   command -v chromium >/dev/null || need+=(chromium)
+  command -v c++ >/dev/null || need+=(g++)
   if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
     log "apt-get install ${need[*]}"
@@ -34,6 +35,8 @@ python -c "import torch" 2>/dev/null || { log "pip install torch==2.13.0"; pip i
 log "pip install -r requirements/base.txt"
 pip install -q -r requirements/base.txt
 pip install -q --no-deps -e .
+command -v c++ >/dev/null || log "no C++ compiler: CPU training and extraction will use the slower torch-op path \
+(apt-get install g++ for the fused kernel; docs/performance.md)"
 if [ "$WITH_TEST" = 1 ]; then
   log "pip install -r requirements/test.txt"
   pip install -q -r requirements/test.txt

@@ -129,6 +129,32 @@ def test_dockerfile_matches_the_apptainer_recipe():
     assert ("ENTRYPOINT", '["spectrolens"]') in ins
 
 
+def test_recipes_prebuild_the_fused_kernel_where_the_environment_points(tmp_path):
+    """The image is read-only at run time, so %post builds the fused CPU kernel and %environment names
+    it. Run the recipe's own build line (into a temporary prefix), then load the library the way a
+    container process does: from SPECTROLENS_KERNEL_LIB, with nothing compiled at run time."""
+    _, sec = parse_def(DEF.read_text())
+    env_line = next(line for line in sec["environment"] if "SPECTROLENS_KERNEL_LIB=" in line)
+    lib = env_line.split("=", 1)[1].strip()
+    build = next(line.strip() for line in sec["post"] if "build_extension(" in line)
+    assert "g++" in " ".join(sec["post"])  # the base image has no compiler
+    docker = DOCKERFILE.read_text()
+    assert f"SPECTROLENS_KERNEL_LIB={lib}" in docker and "build_extension(" in docker
+    prefix = str(tmp_path / "opt")
+    cmd = shlex.split(build.replace("/opt/spectrolens", prefix))
+    out = subprocess.run([sys.executable if cmd[0] == "python" else cmd[0], *cmd[1:]], cwd=REPO,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    built = lib.replace("/opt/spectrolens", prefix)
+    assert out.stdout.strip().splitlines()[-1] == built and Path(built).is_file()
+    check = subprocess.run([sys.executable, "-c", "from toolkit.model.kernels import kernel_status; "
+                            "import json; print(json.dumps(kernel_status()))"], cwd=REPO, capture_output=True,
+                           text=True, timeout=300, env={**os.environ, "SPECTROLENS_KERNEL_LIB": built,
+                                                         "TORCH_EXTENSIONS_DIR": str(tmp_path / "none")})
+    assert json.loads(check.stdout.strip().splitlines()[-1]) == {"fused": True, "path": built}, check.stderr
+    assert not (tmp_path / "none").exists()
+
+
 @pytest.mark.slow
 def test_recipe_pip_installs_resolve_in_a_fresh_venv(tmp_path):
     """The recipe's pip lines work against the registry and never pull torch / CUDA wheels

@@ -31,13 +31,10 @@ from torch.nn import functional as F
 
 from toolkit.data.batch import GraphBatch
 from toolkit.data.graphs import CGCNN_DIM, bond_cosines, cgcnn_table
+from toolkit.model.kernels import TorchGraph, gate_aggregate, segment_sum, torch_graph
 
-# Graph handles passed to the layers. Torch backend: (src, dst) index tensors of one graph
+# Graph handles passed to the layers. Torch backend: a TorchGraph (kernels.py) of one graph
 # (atom graph or line graph); the DGL backend passes a DGLGraph instead (dgl_backend.py).
-TorchGraph = tuple[torch.Tensor, torch.Tensor]
-
-# Added to the per-node gate sum before dividing (upstream's value).
-_GATE_EPS = 1e-6
 
 
 class RBFExpansion(nn.Module):
@@ -69,14 +66,6 @@ class MLPLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layer(x)
-
-
-def segment_sum(src: torch.Tensor, index: torch.Tensor, num_segments: int) -> torch.Tensor:
-    """Sum rows of ``src`` (n, F) into ``num_segments`` rows by ``index`` (n,); fp32 accumulation
-    for half/bfloat16 inputs (autocast), else the input dtype."""
-    acc = torch.float32 if src.dtype in (torch.float16, torch.bfloat16) else src.dtype
-    out = torch.zeros((num_segments, src.shape[1]), dtype=acc, device=src.device)
-    return out.index_add_(0, index, src.to(acc))
 
 
 class EdgeGatedGraphConv(nn.Module):
@@ -123,14 +112,9 @@ class EdgeGatedGraphConv(nn.Module):
         return x_new, y_new
 
     def forward(self, g: TorchGraph, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        src, dst = g
         e_src, bh, e_dst, ux = self.node_projections(x)
-        # (E, F) edge-gate pre-activation; in place on the GEMM output (mm's backward needs only its inputs)
-        m = torch.mm(y, self.edge_gate.weight.t()).add_(e_src.index_select(0, src)).add_(e_dst.index_select(0, dst))
-        sigma = torch.sigmoid(m)
-        n_nodes = x.shape[0]
-        h = segment_sum(bh.index_select(0, src) * sigma, dst, n_nodes) / (
-            segment_sum(sigma, dst, n_nodes) + _GATE_EPS)
+        # (E, F) edge-gate pre-activation m and gated sum h (kernels.gate_aggregate)
+        m, h = gate_aggregate(g, torch.mm(y, self.edge_gate.weight.t()), e_src, e_dst, bh)
         return self.finish(x, y, ux, h, m)
 
 
@@ -219,11 +203,14 @@ class ALIGNN(nn.Module):
             nn.init.constant_(self.fc.bias, math.log(0.7))
 
     def prepare_graphs(self, batch: GraphBatch) -> tuple[Any, Any, torch.Tensor, torch.Tensor]:
-        """``(g, lg, edge_vec, line_index)`` for the layers. Torch backend: g / lg are (src, dst)
-        index pairs, with bonds and angles reordered by destination (the sums over destinations
-        then touch memory in order; the result does not depend on the input order)."""
+        """``(g, lg, edge_vec, line_index)`` for the layers. Torch backend: g / lg are
+        :class:`~toolkit.model.kernels.TorchGraph`, with bonds and angles reordered by destination
+        (the sums over destinations then touch memory in order; the result does not depend on the
+        input order)."""
         edge_index, edge_vec, line_index = sort_by_destination(batch.edge_index, batch.edge_vec, batch.line_index)
-        return (edge_index[0], edge_index[1]), (line_index[0], line_index[1]), edge_vec, line_index
+        g = torch_graph(edge_index[0], edge_index[1], batch.atomic_numbers.shape[0])
+        lg = torch_graph(line_index[0], line_index[1], edge_index.shape[1])
+        return g, lg, edge_vec, line_index
 
     def forward(self, batch: GraphBatch) -> torch.Tensor:
         g, lg, r, line_index = self.prepare_graphs(batch)

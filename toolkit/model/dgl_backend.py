@@ -14,7 +14,8 @@ import torch
 
 from toolkit.compat.dgl import import_dgl, to_dgl
 from toolkit.data.batch import GraphBatch
-from toolkit.model.alignn import _GATE_EPS, ALIGNN, ALIGNNConv, EdgeGatedGraphConv
+from toolkit.model.alignn import ALIGNN, ALIGNNConv, EdgeGatedGraphConv
+from toolkit.model.kernels import GATE_EPS
 
 
 class DGLEdgeGatedGraphConv(EdgeGatedGraphConv):
@@ -31,7 +32,7 @@ class DGLEdgeGatedGraphConv(EdgeGatedGraphConv):
         g.ndata["Bh"] = self.dst_update(x)
         g.update_all(fn.u_mul_e("Bh", "sigma", "m"), fn.sum("m", "sum_sigma_h"))
         g.update_all(fn.copy_e("sigma", "m"), fn.sum("m", "sum_sigma"))
-        h = g.ndata["sum_sigma_h"] / (g.ndata["sum_sigma"] + _GATE_EPS)
+        h = g.ndata["sum_sigma_h"] / (g.ndata["sum_sigma"] + GATE_EPS)
         return self.finish(x, y, self.src_update(x), h, m)
 
 

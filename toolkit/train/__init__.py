@@ -27,6 +27,7 @@ import torch
 
 from toolkit.config import PipelineConfig
 from toolkit.hpc.stages import task_log
+from toolkit.model.kernels import kernel_status
 from toolkit.train import distributed as D
 from toolkit.train.checkpoint import CheckpointError
 from toolkit.train.loop import NonFiniteLossError, StopFlag, Trainer, TrainingInterrupted, weights_sha256, write_json
@@ -100,6 +101,8 @@ def run(cfg: PipelineConfig, run_dir: Path, *, stop_after_epoch: int | None = No
             threads, why = D.cpu_threads()
             torch.set_num_threads(threads)
             log.info("CPU training with %d intra-op thread(s): %s", threads, why)
+            if cfg.model.backend == "torch":
+                log.info("message passing: %s", kernel_status())
         if _finished(train_dir):
             log.info("training in %s is finished (metrics.json and best.pt exist): not retraining; delete %s "
                      "to train again", train_dir, train_dir)

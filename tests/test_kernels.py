@@ -1,0 +1,161 @@
+"""The fused CPU kernel of the edge-gated aggregation (toolkit/model/kernels.py, csrc/) against the
+torch-op reference: values and gradients on real graphs, float64 gradcheck with empty neighbourhoods,
+the whole model, thread-count independence, the prebuilt-library and off switches, bad graphs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from toolkit.config import ModelConfig
+from toolkit.data.batch import GraphBatch
+from toolkit.data.graphs import structure_graph
+from toolkit.data.loader import collate
+from toolkit.model import build_model
+from toolkit.model import kernels as K
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def batch(shared_data: Path) -> GraphBatch:
+    from pymatgen.core import Structure
+
+    names = ["AlPO4_mp-7848", "BAsO4_mp-3277", "AlCuS2_mp-4979"]
+    items = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for i, n in enumerate(names):
+            g = structure_graph(Structure.from_file(shared_data / "paper_structures" / f"POSCAR_{n}.vasp"))
+            items.append(dict(numbers=g.numbers, edge_src=g.edge_src, edge_dst=g.edge_dst, edge_vec=g.edge_vec,
+                              index=i, id=f"s{i}"))
+    return collate(items)
+
+
+def test_the_fused_kernel_builds_and_loads_here():
+    status = K.kernel_status()
+    assert status["fused"], f"the fused CPU kernel did not load: {status.get('reason')}"
+    assert Path(str(status["path"])).is_file()
+
+
+def _inputs(n: int, e: int, f: int, dtype: torch.dtype, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    proj = torch.randn(n, 4 * f, dtype=dtype, generator=gen).requires_grad_()  # es, bh, ed: strided column views
+    mm = torch.randn(e, f, dtype=dtype, generator=gen).requires_grad_()
+    gm = torch.randn(e, f, dtype=dtype, generator=gen)
+    gh = torch.randn(n, f, dtype=dtype, generator=gen)
+    return proj, mm, gm, gh
+
+
+def _run(fn, g: K.TorchGraph, proj, mm, gm, gh):
+    es, bh, ed, _ = proj.split(mm.shape[1], dim=1)
+    m, h = fn(g, mm * 1.0, es, ed, bh)  # * 1.0: the reference adds into its input in place
+    grads = torch.autograd.grad((m * gm).sum() + (h * gh).sum(), [proj, mm])
+    return [m.detach(), h.detach(), *grads]
+
+
+@pytest.mark.parametrize("which", ["atom graph", "line graph"])
+def test_fused_equals_reference_on_real_graphs(batch, which):
+    model = build_model(ModelConfig(alignn_layers=1, gcn_layers=1, hidden_features=32, embedding_features=16,
+                                    output_features=8))
+    g, lg, _, _ = model.prepare_graphs(batch)
+    graph = g if which == "atom graph" else lg
+    n = batch.atomic_numbers.shape[0] if which == "atom graph" else batch.edge_index.shape[1]
+    e = graph.src.shape[0]
+    args = _inputs(n, e, 64, torch.float32)
+    fused, ref = _run(K.gate_aggregate, graph, *args), _run(K.gate_aggregate_reference, graph, *args)
+    for name, a, b in zip(["m", "h", "grad proj", "grad mm"], fused, ref):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5), f"{which} {name}: max diff {(a - b).abs().max()}"
+
+
+def test_gradcheck_float64_with_nodes_without_edges():
+    # node 0 receives nothing, node 5 sends nothing, node 6 is isolated
+    src = torch.tensor([1, 2, 3, 1, 4, 2, 0, 3, 0])
+    dst = torch.tensor([1, 1, 2, 2, 2, 3, 4, 5, 5])
+    g = K.torch_graph(src, dst, 7)
+    gen = torch.Generator().manual_seed(1)
+    mm = torch.randn(9, 3, dtype=torch.float64, generator=gen, requires_grad=True)
+    es, ed, bh = (torch.randn(7, 3, dtype=torch.float64, generator=gen, requires_grad=True) for _ in range(3))
+    assert torch.autograd.gradcheck(lambda a, b, c, d: K.gate_aggregate(g, a.clone(), b, c, d), (mm, es, ed, bh))
+    m, h = K.gate_aggregate(g, mm.detach().clone(), es.detach(), ed.detach(), bh.detach())
+    assert torch.equal(h[[0, 6]], torch.zeros(2, 3, dtype=torch.float64))  # empty sums: 0 / (0 + 1e-6)
+
+
+def test_whole_model_fused_equals_reference(batch, monkeypatch):
+    def step():
+        torch.manual_seed(0)
+        model = build_model(ModelConfig(alignn_layers=2, gcn_layers=2, hidden_features=64, embedding_features=16,
+                                        output_features=40)).train()
+        out = model(batch)
+        out.square().mean().backward()
+        return out.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+    out_f, grads_f = step()
+    monkeypatch.setattr(K, "load_extension", lambda: False)
+    out_r, grads_r = step()
+    assert torch.allclose(out_f, out_r, rtol=1e-5, atol=1e-5)
+    assert grads_f.keys() == grads_r.keys() and len(grads_r) > 50
+    for k in grads_r:
+        assert torch.allclose(grads_f[k], grads_r[k], rtol=1e-4, atol=1e-6), k
+
+
+def test_result_does_not_depend_on_the_thread_count(batch):
+    model = build_model(ModelConfig(alignn_layers=1, gcn_layers=0, hidden_features=32, embedding_features=16,
+                                    output_features=8))
+    _, lg, _, _ = model.prepare_graphs(batch)
+    args = _inputs(batch.edge_index.shape[1], lg.src.shape[0], 48, torch.float32, seed=3)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _run(K.gate_aggregate, lg, *args)
+        torch.set_num_threads(2)
+        two = _run(K.gate_aggregate, lg, *args)
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(one, two):
+        assert torch.equal(a, b)  # every output row has one writer, summed in edge order
+
+
+def test_bf16_runs_the_reference_path():
+    g = K.torch_graph(torch.tensor([0, 1]), torch.tensor([1, 1]), 2)
+    x = torch.randn(2, 4).bfloat16()
+    m, h = K.gate_aggregate(g, torch.randn(2, 4).bfloat16(), x, x, x)
+    m_ref, h_ref = K.gate_aggregate_reference(g, m.clone() * 0 + 0, x, x, x)  # shapes and dtypes only
+    assert m.dtype == torch.bfloat16 and h.dtype == torch.float32 == h_ref.dtype
+
+
+def test_edges_not_sorted_by_destination_are_refused():
+    with pytest.raises(ValueError, match="sorted by destination"):
+        K.torch_graph(torch.tensor([0, 1, 2]), torch.tensor([2, 0, 1]), 3)
+
+
+def _status_in_subprocess(env: dict[str, str]) -> dict:
+    code = ("import json, torch; from toolkit.model import kernels as K; s = K.kernel_status(); "
+            "g = K.torch_graph(torch.tensor([0, 1]), torch.tensor([1, 1]), 2); x = torch.ones(2, 3); "
+            "m, h = K.gate_aggregate(g, torch.zeros(2, 3), x, x, x); s['h'] = h.tolist(); print(json.dumps(s))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**os.environ, **env}, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_prebuilt_library_from_the_environment_and_the_off_switch(tmp_path):
+    built = K.kernel_status()["path"]
+    # a container: the library prebuilt at image build time; nothing may be built at run time
+    ro = tmp_path / "readonly"
+    ro.mkdir()
+    s = _status_in_subprocess({"SPECTROLENS_KERNEL_LIB": str(built), "TORCH_EXTENSIONS_DIR": str(ro)})
+    assert s["fused"] and s["path"] == str(built)
+    assert not any(ro.iterdir())  # nothing compiled there
+    off = _status_in_subprocess({"SPECTROLENS_FUSED_KERNELS": "0"})
+    assert not off["fused"] and "SPECTROLENS_FUSED_KERNELS=0" in off["reason"]
+    # both paths give node 1 the same gated mean of its two in-edges
+    assert s["h"][1] == pytest.approx(off["h"][1], rel=1e-6) and s["h"][1] == pytest.approx([1.0] * 3, rel=1e-5)
+    assert s["h"][0] == off["h"][0] == [0.0] * 3  # node 0 receives no edge

@@ -1,0 +1,265 @@
+// Fused edge-gated aggregation of ALIGNN's EdgeGatedGraphConv, CPU (float32 and float64).
+//
+// For edges k = (u -> v), sorted by destination v (CSR: in_ptr), with the edge pre-activation
+// mm_k = W_eg y_k and the node projections es = W_sg x + b (edge-gate bias folded in),
+// ed = W_dg x + b, bh = W_du x + b:
+//
+//   m_k  = mm_k + es_u + ed_v                      (returned: the LayerNorm input of the edge update)
+//   s_k  = sigmoid(m_k)
+//   den_v = sum_k s_k,  h_v = sum_k s_k * bh_u / (den_v + 1e-6)
+//
+// One pass over the edges instead of three gathers, two adds, a sigmoid, a product and two
+// scatter-sums, each a full (E, F) pass through memory. The backward pass recomputes s from m and
+// makes two passes: by destination (CSR in_ptr) for grad m / grad ed, and by source (edge order
+// out_perm, CSR out_ptr) for grad es / grad bh, so every output row has exactly one writer: no
+// atomics, no per-thread buffers, and sums in a fixed order whatever the thread count.
+// Registered as torch.ops.spectrolens.gate_forward / gate_backward (toolkit/model/kernels.py).
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr double kEps = 1e-6;  // upstream's value, added to the gate sum
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define SL_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define SL_CLONES
+#endif
+
+// exp on float with arithmetic only (Cephes polynomial, ~1 ulp), so the loops that call it vectorise.
+inline float exp_f(float x) {
+  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+inline float sigmoid(float x) { return 1.0f / (1.0f + exp_f(-x)); }
+inline double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
+
+// ---- row kernels: one edge row of F features ------------------------------------------------
+
+template <typename T>
+inline void fwd_row(const T* __restrict__ mm, const T* __restrict__ es, const T* __restrict__ ed,
+                    const T* __restrict__ bh, T* __restrict__ m, T* __restrict__ num,
+                    T* __restrict__ den, int64_t F) {
+  for (int64_t f = 0; f < F; ++f) {
+    const T x = (mm[f] + es[f]) + ed[f];
+    m[f] = x;
+    const T s = sigmoid(x);
+    num[f] += bh[f] * s;
+    den[f] += s;
+  }
+}
+
+template <typename T>
+inline void bwd_dst_row(const T* __restrict__ gm, const T* __restrict__ m, const T* __restrict__ bh,
+                        const T* __restrict__ gn, const T* __restrict__ gnh, T* __restrict__ out,
+                        T* __restrict__ ged, int64_t F) {
+  for (int64_t f = 0; f < F; ++f) {
+    const T s = sigmoid(m[f]);
+    const T g = (gm ? gm[f] : T(0)) + (gn[f] * bh[f] - gnh[f]) * s * (T(1) - s);
+    out[f] = g;
+    ged[f] += g;
+  }
+}
+
+template <typename T>
+inline void bwd_src_row(const T* __restrict__ gmm, const T* __restrict__ m, const T* __restrict__ gn,
+                        T* __restrict__ ges, T* __restrict__ gbh, int64_t F) {
+  for (int64_t f = 0; f < F; ++f) {
+    ges[f] += gmm[f];
+    gbh[f] += gn[f] * sigmoid(m[f]);
+  }
+}
+
+SL_CLONES void fwd_row_f(const float* mm, const float* es, const float* ed, const float* bh, float* m,
+                         float* num, float* den, int64_t F) {
+  fwd_row<float>(mm, es, ed, bh, m, num, den, F);
+}
+SL_CLONES void bwd_dst_row_f(const float* gm, const float* m, const float* bh, const float* gn,
+                             const float* gnh, float* out, float* ged, int64_t F) {
+  bwd_dst_row<float>(gm, m, bh, gn, gnh, out, ged, F);
+}
+SL_CLONES void bwd_src_row_f(const float* gmm, const float* m, const float* gn, float* ges, float* gbh,
+                             int64_t F) {
+  bwd_src_row<float>(gmm, m, gn, ges, gbh, F);
+}
+
+inline void fwd_row_any(const float* a, const float* b, const float* c, const float* d, float* e, float* f,
+                        float* g, int64_t F) { fwd_row_f(a, b, c, d, e, f, g, F); }
+inline void fwd_row_any(const double* a, const double* b, const double* c, const double* d, double* e,
+                        double* f, double* g, int64_t F) { fwd_row<double>(a, b, c, d, e, f, g, F); }
+inline void bwd_dst_row_any(const float* a, const float* b, const float* c, const float* d, const float* e,
+                            float* f, float* g, int64_t F) { bwd_dst_row_f(a, b, c, d, e, f, g, F); }
+inline void bwd_dst_row_any(const double* a, const double* b, const double* c, const double* d,
+                            const double* e, double* f, double* g, int64_t F) {
+  bwd_dst_row<double>(a, b, c, d, e, f, g, F);
+}
+inline void bwd_src_row_any(const float* a, const float* b, const float* c, float* d, float* e, int64_t F) {
+  bwd_src_row_f(a, b, c, d, e, F);
+}
+inline void bwd_src_row_any(const double* a, const double* b, const double* c, double* d, double* e,
+                            int64_t F) { bwd_src_row<double>(a, b, c, d, e, F); }
+
+// ---- checks ---------------------------------------------------------------------------------
+
+void check_rows(const at::Tensor& t, const char* name, int64_t rows, int64_t F, at::ScalarType dtype) {
+  TORCH_CHECK(t.device().is_cpu(), "gate kernel: ", name, " must be on the CPU");
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == F, "gate kernel: ", name, " must be (",
+              rows, ", ", F, "), got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == dtype, "gate kernel: ", name, " has dtype ", t.scalar_type(), ", expected ",
+              dtype);
+  TORCH_CHECK(t.stride(1) == 1, "gate kernel: ", name, " rows must be contiguous");
+}
+
+void check_index(const at::Tensor& t, const char* name, int64_t n) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kLong && t.dim() == 1 && t.size(0) == n &&
+                  t.is_contiguous(),
+              "gate kernel: ", name, " must be a contiguous int64 CPU vector of length ", n);
+}
+
+constexpr int64_t kGrain = 16;  // destination / source rows per task
+
+// ---- ops ------------------------------------------------------------------------------------
+
+// -> (m (E, F), h (N, F), den (N, F))
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_forward(const at::Tensor& mm, const at::Tensor& es,
+                                                             const at::Tensor& ed, const at::Tensor& bh,
+                                                             const at::Tensor& src, const at::Tensor& in_ptr) {
+  const int64_t E = mm.size(0), F = mm.size(1), N = es.size(0);
+  const auto dtype = mm.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "gate kernel: float32 or float64 only, got ", dtype);
+  check_rows(mm, "mm", E, F, dtype);
+  check_rows(es, "es", N, F, dtype);
+  check_rows(ed, "ed", N, F, dtype);
+  check_rows(bh, "bh", N, F, dtype);
+  check_index(src, "src", E);
+  check_index(in_ptr, "in_ptr", N + 1);
+  auto m = at::empty({E, F}, mm.options());
+  auto h = at::empty({N, F}, mm.options());
+  auto den = at::empty({N, F}, mm.options());
+  AT_DISPATCH_FLOATING_TYPES(dtype, "gate_forward", [&] {
+    const scalar_t *pmm = mm.data_ptr<scalar_t>(), *pes = es.data_ptr<scalar_t>(),
+                   *ped = ed.data_ptr<scalar_t>(), *pbh = bh.data_ptr<scalar_t>();
+    const int64_t smm = mm.stride(0), ses = es.stride(0), sed = ed.stride(0), sbh = bh.stride(0);
+    const int64_t *psrc = src.data_ptr<int64_t>(), *pptr = in_ptr.data_ptr<int64_t>();
+    scalar_t *pm = m.data_ptr<scalar_t>(), *ph = h.data_ptr<scalar_t>(), *pden = den.data_ptr<scalar_t>();
+    at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> num(F);
+      for (int64_t v = begin; v < end; ++v) {
+        scalar_t* d = pden + v * F;
+        std::fill(num.begin(), num.end(), scalar_t(0));
+        std::fill(d, d + F, scalar_t(0));
+        for (int64_t k = pptr[v]; k < pptr[v + 1]; ++k) {
+          const int64_t u = psrc[k];
+          fwd_row_any(pmm + k * smm, pes + u * ses, ped + v * sed, pbh + u * sbh, pm + k * F, num.data(), d, F);
+        }
+        scalar_t* hv = ph + v * F;
+        for (int64_t f = 0; f < F; ++f) hv[f] = num[f] / (d[f] + scalar_t(kEps));
+      }
+    });
+  });
+  return {m, h, den};
+}
+
+// -> (grad mm (E, F), grad es (N, F), grad ed (N, F), grad bh (N, F))
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_backward(
+    const std::optional<at::Tensor>& grad_m, const at::Tensor& grad_h, const at::Tensor& m, const at::Tensor& h,
+    const at::Tensor& den, const at::Tensor& bh, const at::Tensor& src, const at::Tensor& dst,
+    const at::Tensor& in_ptr, const at::Tensor& out_perm, const at::Tensor& out_ptr) {
+  const int64_t E = m.size(0), F = m.size(1), N = h.size(0);
+  const auto dtype = m.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "gate kernel: float32 or float64 only, got ", dtype);
+  check_rows(m, "m", E, F, dtype);
+  check_rows(h, "h", N, F, dtype);
+  check_rows(den, "den", N, F, dtype);
+  check_rows(bh, "bh", N, F, dtype);
+  check_rows(grad_h, "grad_h", N, F, dtype);
+  const bool has_gm = grad_m.has_value() && grad_m->defined();
+  if (has_gm) check_rows(*grad_m, "grad_m", E, F, dtype);
+  check_index(src, "src", E);
+  check_index(dst, "dst", E);
+  check_index(in_ptr, "in_ptr", N + 1);
+  check_index(out_perm, "out_perm", E);
+  check_index(out_ptr, "out_ptr", N + 1);
+  auto gmm = at::empty({E, F}, m.options());
+  auto ges = at::empty({N, F}, m.options());
+  auto ged = at::empty({N, F}, m.options());
+  auto gbh = at::empty({N, F}, m.options());
+  auto gn = at::empty({N, F}, m.options());
+  AT_DISPATCH_FLOATING_TYPES(dtype, "gate_backward", [&] {
+    const scalar_t *pm = m.data_ptr<scalar_t>(), *ph = h.data_ptr<scalar_t>(), *pden = den.data_ptr<scalar_t>(),
+                   *pbh = bh.data_ptr<scalar_t>(), *pgh = grad_h.data_ptr<scalar_t>();
+    const scalar_t* pgm = has_gm ? grad_m->data_ptr<scalar_t>() : nullptr;
+    const int64_t sbh = bh.stride(0), sgh = grad_h.stride(0), sgm = has_gm ? grad_m->stride(0) : 0;
+    const int64_t *psrc = src.data_ptr<int64_t>(), *pdst = dst.data_ptr<int64_t>(),
+                  *pin = in_ptr.data_ptr<int64_t>(), *pperm = out_perm.data_ptr<int64_t>(),
+                  *pout = out_ptr.data_ptr<int64_t>();
+    scalar_t *pgmm = gmm.data_ptr<scalar_t>(), *pges = ges.data_ptr<scalar_t>(), *pged = ged.data_ptr<scalar_t>(),
+             *pgbh = gbh.data_ptr<scalar_t>(), *pgn = gn.data_ptr<scalar_t>();
+    // pass 1, by destination: gn = grad_h / (den + eps); grad m; grad ed
+    at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> gnh(F);
+      for (int64_t v = begin; v < end; ++v) {
+        scalar_t *gnv = pgn + v * F, *gedv = pged + v * F;
+        const scalar_t *ghv = pgh + v * sgh, *hv = ph + v * F, *dv = pden + v * F;
+        for (int64_t f = 0; f < F; ++f) {
+          gnv[f] = ghv[f] / (dv[f] + scalar_t(kEps));
+          gnh[f] = gnv[f] * hv[f];
+          gedv[f] = scalar_t(0);
+        }
+        for (int64_t k = pin[v]; k < pin[v + 1]; ++k) {
+          bwd_dst_row_any(has_gm ? pgm + k * sgm : nullptr, pm + k * F, pbh + psrc[k] * sbh, gnv, gnh.data(),
+                          pgmm + k * F, gedv, F);
+        }
+      }
+    });
+    // pass 2, by source: grad es = sum of grad m; grad bh = sum of gn[v] * s
+    at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t u = begin; u < end; ++u) {
+        scalar_t *gesu = pges + u * F, *gbhu = pgbh + u * F;
+        std::fill(gesu, gesu + F, scalar_t(0));
+        std::fill(gbhu, gbhu + F, scalar_t(0));
+        for (int64_t j = pout[u]; j < pout[u + 1]; ++j) {
+          const int64_t k = pperm[j];
+          bwd_src_row_any(pgmm + k * F, pm + k * F, pgn + pdst[k] * F, gesu, gbhu, F);
+        }
+      }
+    });
+  });
+  return {gmm, ges, ged, gbh};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(spectrolens, lib) {
+  lib.def("gate_forward(Tensor mm, Tensor es, Tensor ed, Tensor bh, Tensor src, Tensor in_ptr) -> (Tensor, Tensor, Tensor)");
+  lib.def("gate_backward(Tensor? grad_m, Tensor grad_h, Tensor m, Tensor h, Tensor den, Tensor bh, Tensor src, "
+          "Tensor dst, Tensor in_ptr, Tensor out_perm, Tensor out_ptr) -> (Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(spectrolens, CPU, lib) {
+  lib.impl("gate_forward", &gate_forward);
+  lib.impl("gate_backward", &gate_backward);
+}
