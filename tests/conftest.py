@@ -22,3 +22,23 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO
+
+
+def paper_batch(shared_data: Path, names: list[str]):
+    """GraphBatch of study structures ``POSCAR_<name>.vasp`` through the production graph builder
+    and collate (ids = names)."""
+    import warnings
+
+    from pymatgen.core import Structure
+
+    from toolkit.data.graphs import structure_graph
+    from toolkit.data.loader import collate
+
+    items = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for i, n in enumerate(names):
+            g = structure_graph(Structure.from_file(shared_data / "paper_structures" / f"POSCAR_{n}.vasp"))
+            items.append(dict(numbers=g.numbers, edge_src=g.edge_src, edge_dst=g.edge_dst, edge_vec=g.edge_vec,
+                              index=i, id=n))
+    return collate(items)

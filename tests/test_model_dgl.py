@@ -4,17 +4,15 @@ structures, on CPU where dgl 2.1.0 imports (through toolkit.compat.dgl's shim)."
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import paper_batch
 
 from toolkit.compat.dgl import dgl_available, to_dgl
 from toolkit.config import ModelConfig
 from toolkit.data.batch import GraphBatch
-from toolkit.data.graphs import structure_graph
-from toolkit.data.loader import collate
 from toolkit.model import build_model
 
 pytestmark = [pytest.mark.dgl,
@@ -27,17 +25,7 @@ KW = dict(alignn_layers=2, gcn_layers=2, hidden_features=48, embedding_features=
 def batch(shared_data: Path) -> GraphBatch:
     """Real structures through the production graph builder + collate; the line graph is then
     replaced by DGL's own ``line_graph(shared=True)`` so all models see one graph."""
-    from pymatgen.core import Structure
-
-    names = ["AlPO4_mp-7848", "AlCuS2_mp-4979", "Ag2AsS2_mp-1197575"]
-    items = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for i, n in enumerate(names):
-            g = structure_graph(Structure.from_file(shared_data / "paper_structures" / f"POSCAR_{n}.vasp"))
-            items.append(dict(numbers=g.numbers, edge_src=g.edge_src, edge_dst=g.edge_dst, edge_vec=g.edge_vec,
-                              index=i, id=n))
-    b = collate(items)
+    b = paper_batch(shared_data, ["AlPO4_mp-7848", "AlCuS2_mp-4979", "Ag2AsS2_mp-1197575"])
     _, lg = to_dgl(b)
     s, d = lg.edges()
     b.line_index = torch.stack([s.long(), d.long()])

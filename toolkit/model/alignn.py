@@ -12,9 +12,10 @@ upstream one, so upstream checkpoints load with ``strict=True``::
     readout                                                 mean over atoms (no parameters)
     fc                                                      hidden -> output_features
 
-Message passing uses ``index_select`` (gathers; backward = ``index_add_``) and ``index_add_``
-(sums over destinations, accumulated in fp32 under autocast). The forward has no data-dependent
-Python control flow, so it works with ``torch.compile``.
+Message passing is :func:`toolkit.model.kernels.gate_aggregate`: a fused C++ kernel on CPU
+(float32/float64), else ``index_select`` gathers and ``index_add_`` sums (fp32 accumulation under
+autocast). Inside ``torch.compile`` the torch-op path runs; it has no data-dependent Python control
+flow, so the model traces without graph breaks.
 
 Units: bond lengths in Å (``GraphBatch.edge_vec``), bond-angle cosines dimensionless.
 """
