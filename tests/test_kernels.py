@@ -72,6 +72,12 @@ def test_gradcheck_float64_with_nodes_without_edges():
     mm = torch.randn(9, 3, dtype=torch.float64, generator=gen, requires_grad=True)
     es, ed, bh = (torch.randn(7, 3, dtype=torch.float64, generator=gen, requires_grad=True) for _ in range(3))
     assert torch.autograd.gradcheck(lambda a, b, c, d: K.gate_aggregate(g, a.clone(), b, c, d), (mm, es, ed, bh))
+    # expanded (stride-0) output gradients, as from a plain sum
+    m, h = K.gate_aggregate(g, mm.clone(), es, ed, bh)
+    m_ref, h_ref = K.gate_aggregate_reference(g, mm.clone(), es, ed, bh)
+    grads = torch.autograd.grad(m.sum() + h.sum(), [mm, es, ed, bh])
+    grads_ref = torch.autograd.grad(m_ref.sum() + h_ref.sum(), [mm, es, ed, bh])
+    assert all(torch.allclose(a, b) for a, b in zip(grads, grads_ref))
     _, h = K.gate_aggregate(g, mm.detach().clone(), es.detach(), ed.detach(), bh.detach())
     assert torch.equal(h[[0, 6]], torch.zeros(2, 3, dtype=torch.float64))  # empty sums: 0 / (0 + 1e-6)
 

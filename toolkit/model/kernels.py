@@ -70,7 +70,8 @@ def _offsets(index: torch.Tensor, n: int) -> torch.Tensor:
 def use_fused(device: torch.device) -> bool:
     """Whether graphs on ``device`` get the fused kernel's CSR arrays: CPU, the kernel loads, and not
     inside ``torch.compile`` tracing (the reference path traces without graph breaks)."""
-    return device.type == "cpu" and not torch.compiler.is_compiling() and load_extension()
+    compiling = getattr(torch.compiler, "is_compiling", lambda: False)()  # torch >= 2.3
+    return device.type == "cpu" and not compiling and load_extension()
 
 
 def torch_graph(src: torch.Tensor, dst: torch.Tensor, n_nodes: int, fused: bool | None = None) -> TorchGraph:
@@ -149,10 +150,10 @@ class _GateAggregate(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_m, grad_h):  # type: ignore[override]
         m, h, den, bh, src, dst, in_ptr, out_perm, out_ptr = ctx.saved_tensors
-        if grad_h is None:
-            grad_h = torch.zeros_like(h)
+        grad_h = torch.zeros_like(h) if grad_h is None else grad_h.contiguous()
+        grad_m = None if grad_m is None else grad_m.contiguous()  # e.g. expanded by a sum
         g_mm, g_es, g_ed, g_bh = torch.ops.spectrolens.gate_backward(
-            grad_m, grad_h.contiguous(), m, h, den, bh, src, dst, in_ptr, out_perm, out_ptr)
+            grad_m, grad_h, m, h, den, bh, src, dst, in_ptr, out_perm, out_ptr)
         return g_mm, g_es, g_ed, g_bh, None
 
 
