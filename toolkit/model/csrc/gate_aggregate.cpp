@@ -93,34 +93,31 @@ inline void bwd_src_row(const T* __restrict__ gmm, const T* __restrict__ m, cons
   }
 }
 
-SL_CLONES void fwd_row_f(const float* mm, const float* es, const float* ed, const float* bh, float* m,
+// The dispatched row kernels: float in three instruction-set versions (SL_CLONES), double plain.
+SL_CLONES void fwd_row_v(const float* mm, const float* es, const float* ed, const float* bh, float* m,
                          float* num, float* den, int64_t F) {
   fwd_row<float>(mm, es, ed, bh, m, num, den, F);
 }
-SL_CLONES void bwd_dst_row_f(const float* gm, const float* m, const float* bh, const float* gn,
+inline void fwd_row_v(const double* mm, const double* es, const double* ed, const double* bh, double* m,
+                      double* num, double* den, int64_t F) {
+  fwd_row<double>(mm, es, ed, bh, m, num, den, F);
+}
+SL_CLONES void bwd_dst_row_v(const float* gm, const float* m, const float* bh, const float* gn,
                              const float* gnh, float* out, float* ged, int64_t F) {
   bwd_dst_row<float>(gm, m, bh, gn, gnh, out, ged, F);
 }
-SL_CLONES void bwd_src_row_f(const float* gmm, const float* m, const float* gn, float* ges, float* gbh,
+inline void bwd_dst_row_v(const double* gm, const double* m, const double* bh, const double* gn,
+                          const double* gnh, double* out, double* ged, int64_t F) {
+  bwd_dst_row<double>(gm, m, bh, gn, gnh, out, ged, F);
+}
+SL_CLONES void bwd_src_row_v(const float* gmm, const float* m, const float* gn, float* ges, float* gbh,
                              int64_t F) {
   bwd_src_row<float>(gmm, m, gn, ges, gbh, F);
 }
-
-inline void fwd_row_any(const float* a, const float* b, const float* c, const float* d, float* e, float* f,
-                        float* g, int64_t F) { fwd_row_f(a, b, c, d, e, f, g, F); }
-inline void fwd_row_any(const double* a, const double* b, const double* c, const double* d, double* e,
-                        double* f, double* g, int64_t F) { fwd_row<double>(a, b, c, d, e, f, g, F); }
-inline void bwd_dst_row_any(const float* a, const float* b, const float* c, const float* d, const float* e,
-                            float* f, float* g, int64_t F) { bwd_dst_row_f(a, b, c, d, e, f, g, F); }
-inline void bwd_dst_row_any(const double* a, const double* b, const double* c, const double* d,
-                            const double* e, double* f, double* g, int64_t F) {
-  bwd_dst_row<double>(a, b, c, d, e, f, g, F);
+inline void bwd_src_row_v(const double* gmm, const double* m, const double* gn, double* ges, double* gbh,
+                          int64_t F) {
+  bwd_src_row<double>(gmm, m, gn, ges, gbh, F);
 }
-inline void bwd_src_row_any(const float* a, const float* b, const float* c, float* d, float* e, int64_t F) {
-  bwd_src_row_f(a, b, c, d, e, F);
-}
-inline void bwd_src_row_any(const double* a, const double* b, const double* c, double* d, double* e,
-                            int64_t F) { bwd_src_row<double>(a, b, c, d, e, F); }
 
 // ---- checks ---------------------------------------------------------------------------------
 
@@ -173,7 +170,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_forward(const at::Tensor& mm
         std::fill(d, d + F, scalar_t(0));
         for (int64_t k = pptr[v]; k < pptr[v + 1]; ++k) {
           const int64_t u = psrc[k];
-          fwd_row_any(pmm + k * smm, pes + u * ses, ped + v * sed, pbh + u * sbh, pm + k * F, num.data(), d, F);
+          fwd_row_v(pmm + k * smm, pes + u * ses, ped + v * sed, pbh + u * sbh, pm + k * F, num.data(), d, F);
         }
         scalar_t* hv = ph + v * F;
         for (int64_t f = 0; f < F; ++f) hv[f] = num[f] / (d[f] + scalar_t(kEps));
@@ -230,7 +227,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_backward(
           gedv[f] = scalar_t(0);
         }
         for (int64_t k = pin[v]; k < pin[v + 1]; ++k) {
-          bwd_dst_row_any(has_gm ? pgm + k * sgm : nullptr, pm + k * F, pbh + psrc[k] * sbh, gnv, gnh.data(),
+          bwd_dst_row_v(has_gm ? pgm + k * sgm : nullptr, pm + k * F, pbh + psrc[k] * sbh, gnv, gnh.data(),
                           pgmm + k * F, gedv, F);
         }
       }
@@ -243,7 +240,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_backward(
         std::fill(gbhu, gbhu + F, scalar_t(0));
         for (int64_t j = pout[u]; j < pout[u + 1]; ++j) {
           const int64_t k = pperm[j];
-          bwd_src_row_any(pgmm + k * F, pm + k * F, pgn + pdst[k] * F, gesu, gbhu, F);
+          bwd_src_row_v(pgmm + k * F, pm + k * F, pgn + pdst[k] * F, gesu, gbhu, F);
         }
       }
     });
