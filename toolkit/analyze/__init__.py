@@ -4,12 +4,15 @@
 and writes ``RUN_DIR/analyze/``: attribution.json (schema: docs/report.md), clusters.csv,
 descriptors.csv, descriptor_failures.csv, linkage/<layer>.npy, figures/*.png|svg and
 report/index.html. Without an embeddings store only the reference-spectra baseline is analysed.
+
+This module loads the inputs (:func:`load_inputs`) and orchestrates (:func:`analyze_inputs`); the
+per-layer analysis, the figures and the attribution.json assembly are steps of
+:mod:`toolkit.analyze.steps`, each testable alone.
 """
 
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -18,23 +21,25 @@ from typing import Any
 
 import numpy as np
 
+# constants and benchmark_recovery are re-exported: they were defined here before the split into steps
+from toolkit.analyze.steps import (FIT_MAX, MIN_CLUSTER_FOR_RECOVERY, PREDICTED, REFERENCE,  # noqa: F401
+                                   SPECTRUM_STEP, LayerResult, analyze_layer, assemble_attribution,
+                                   benchmark_recovery, onset_of, write_comparison_figure, write_layer_figures)
+from toolkit.errors import SpectrolensError
+from toolkit.layout import RunLayout
+from toolkit.runtime import task_log, write_json
+
 log = logging.getLogger(__name__)
 
-REFERENCE = "spectrum_reference"
-PREDICTED = "spectrum_predicted"
-MIN_CLUSTER_FOR_RECOVERY = 5
-FIT_MAX = 20_000  # surrogate classifier and probes are fitted on at most this many materials
-SPECTRUM_STEP = 10  # spectral summaries in attribution.json keep every 10th grid point
 
-
-class AnalyzeError(RuntimeError):
+class AnalyzeError(SpectrolensError, RuntimeError):
     """Inputs that cannot be analysed (the message names the file and the fix)."""
 
 
 def _dataset(run_dir: Path):
     from toolkit.data.store import DatasetReader, StoreError
 
-    path = run_dir / "dataset.zarr"
+    path = RunLayout(run_dir).dataset
     try:
         return DatasetReader(path)
     except StoreError as e:
@@ -77,7 +82,7 @@ def descriptors_for(cfg, run_dir: Path, reader, rows: np.ndarray, predicted: np.
     h = _dataset_hash(reader)
     coord = a.coordination if a.coordination != "auto" else (
         "crystalnn" if len(reader) <= a.crystalnn_max_materials else "cutoff")
-    recs, computed = structural_descriptors(structure_arrays(reader), run_dir / "analyze" / "descriptor_cache" / f"{h}-{coord}",
+    recs, computed = structural_descriptors(structure_arrays(reader), RunLayout(run_dir).analyze_dir / "descriptor_cache" / f"{h}-{coord}",
                                             workers=a.workers, coordination=coord)
     table = build_table([recs[i] for i in rows])
     # reference spectral descriptors: as stored by prepare (same function, toolkit.data.spectra)
@@ -125,45 +130,6 @@ def _features(name: str, cfg, emb, reference: np.ndarray | None, has_spec: np.nd
     return emb[key], np.ones(len(has_spec), bool)
 
 
-def _ranked_json(rs: list[dict], aliases: dict[str, list[str]], top: int = 25) -> list[dict]:
-    out = []
-    for r in rs[:top]:
-        d = {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in r.items() if k != "p"}
-        d["p"] = r["p"]
-        d["aliases"] = aliases.get(r["descriptor"], [])
-        out.append(d)
-    return out
-
-
-def benchmark_recovery(truth: dict, layers: dict[str, dict], k: int = 3) -> dict[str, Any]:
-    """precision@k of planted drivers among each cluster's top-k descriptors (clusters with at least
-    MIN_CLUSTER_FOR_RECOVERY materials), mean per clustering; overall = mean over clusterings;
-    ``chance`` = precision of a random ranking (share of tested descriptors that match a driver)."""
-    from toolkit.analyze.attribution import matches, precision_at_k
-
-    drivers: list[str] = []
-    for feat in truth.get("features", {}).values():
-        for d in feat.get("drivers", []):
-            if d not in drivers:
-                drivers.append(d)
-    per: dict[str, Any] = {}
-    for name, L in layers.items():
-        precs = {}
-        for c, cl in L["clusters"].items():
-            if cl["size"] >= MIN_CLUSTER_FOR_RECOVERY:
-                ranked = cl["descriptors"]
-                precs[c] = precision_at_k(ranked, drivers, {r["descriptor"]: r["aliases"] for r in ranked}, k)
-        # chance level: share of the tested (deduplicated) descriptors that match a driver
-        tested = L.get("tested", [])
-        chance = float(np.mean([any(matches(n, t, L["aliases"].get(n, [])) for t in drivers) for n in tested])) if tested else None
-        per[name] = {"precision": float(np.mean(list(precs.values()))) if precs else 0.0, "per_cluster": precs,
-                     "chance": chance}
-    vals = [v["precision"] for v in per.values()]
-    best = max(per, key=lambda n: per[n]["precision"]) if per else None
-    return {"k": k, "drivers": drivers, "per_layer": per, "overall": float(np.mean(vals)) if vals else 0.0,
-            "best_layer": best, "min_cluster_size": MIN_CLUSTER_FOR_RECOVERY}
-
-
 @dataclass
 class Inputs:
     """Everything the analysis reads, aligned to the analysed population (embedding rows)."""
@@ -186,7 +152,7 @@ def load_inputs(cfg, run_dir: Path) -> Inputs:
     run_dir = Path(run_dir)
     reader = _dataset(run_dir)
     emb = None
-    if (run_dir / "embeddings.zarr").exists():
+    if RunLayout(run_dir).embeddings.exists():
         from toolkit.embed.store import open_embeddings
 
         emb = open_embeddings(run_dir)
@@ -208,159 +174,51 @@ def load_inputs(cfg, run_dir: Path) -> Inputs:
 def run(cfg, run_dir: Path) -> dict[str, Any]:
     """The analyze stage (one process; cfg.analyze.workers processes for descriptors). Logs to
     ``RUN_DIR/logs/analyze/job.log`` (local CLI and SLURM job alike)."""
-    from toolkit.hpc.stages import task_log
-
     with task_log(run_dir, "analyze", "job"):
         return analyze_inputs(cfg, load_inputs(cfg, run_dir))
 
 
 def analyze_inputs(cfg, inp: Inputs) -> dict[str, Any]:
     """Cluster every selected layer, attribute, probe, and write attribution.json, clusters.csv,
-    figures and the report into ``RUN_DIR/analyze``."""
-    from sklearn.metrics import adjusted_mutual_info_score
-
+    linkage files, figures and the report into ``RUN_DIR/analyze`` (steps: toolkit.analyze.steps)."""
     from toolkit.analyze import attribution as attr
-    from toolkit.analyze import figures as figs
     from toolkit.analyze import probes as prb
-    from toolkit.analyze.clustering import cluster
-    from toolkit.analyze.descriptors import DescriptorTable
-    from toolkit.analyze.report import cluster_summary, render
+    from toolkit.analyze.report import render
 
     t0 = time.time()
-    run_dir, reader, emb, rows, ids, has_spec = inp.run_dir, inp.reader, inp.emb, inp.rows, inp.ids, inp.has_spec
-    table, energy, reference, predicted = inp.table, inp.energy, inp.reference, inp.predicted
-    layer_names = _layers(cfg, emb, bool(has_spec.any()))  # validate before writing anything
-    out = run_dir / "analyze"
+    layer_names = _layers(cfg, inp.emb, bool(inp.has_spec.any()))  # validate before writing anything
+    layout = RunLayout(inp.run_dir)
+    out, figdir = layout.analyze_dir, layout.analyze_dir / "figures"
     out.mkdir(parents=True, exist_ok=True)
-    a = cfg.analyze
-    table.write(out / "descriptors.csv", out / "descriptor_failures.csv")
-    onset = table.column("onset") if "onset" in table.names else np.full(len(ids), np.nan)
-    names, aliases = attr.dedupe_categorical(table)
-    figdir = out / "figures"
+    inp.table.write(out / "descriptors.csv", out / "descriptor_failures.csv")
+    names, aliases = attr.dedupe_categorical(inp.table)
+    targets = prb.probe_targets(inp.table)
+    onset = onset_of(inp.table)
+    results: list[LayerResult] = []
     figures: dict[str, dict[str, str]] = {}
-    layers_out: dict[str, dict] = {}
-    labels_all: dict[str, np.ndarray] = {}
-    probes: dict[str, dict] = {}
-    targets = prb.probe_targets(table)
     for name in layer_names:
-        x, mask = _features(name, cfg, emb, reference, has_spec)
-        if mask.sum() < 3:
-            log.warning("analyze: %s covers %d materials; skipped", name, int(mask.sum()))
+        x, mask = _features(name, cfg, inp.emb, inp.reference, inp.has_spec)
+        lr = analyze_layer(cfg, inp, name, x, mask, names, targets)
+        if lr is None:
             continue
-        res = cluster(x, n_clusters=a.n_clusters, max_clusters=a.max_clusters, standardize=a.standardize,
-                      pca_components=a.pca_components, scalable_threshold=a.scalable_threshold,
-                      n_micro=a.micro_clusters, seed=a.seed, threads=a.workers)
-        labels = np.full(len(rows), -1, dtype=np.int32)
-        labels[mask] = res.labels
-        labels_all[name] = labels
-        sub = (DescriptorTable(ids, table.names, table.values, []) if mask.all() else  # no N x D copy
-               DescriptorTable([i for i, m in zip(ids, mask) if m], table.names, table.values[mask], []))
-        ranked = attr.enrichment(res.labels, sub, names)
-        n_tests = sum(len(v) for v in ranked.values())
-        cand: list[str] = []
-        for rs in ranked.values():
-            cand += [r["descriptor"] for r in rs[:10] if r["q"] < attr.ALPHA and r["descriptor"] not in cand]
-        fit_rows = _subsample(len(sub.ids), a.seed)
-        fit_sub = DescriptorTable([sub.ids[i] for i in fit_rows], sub.names, sub.values[fit_rows], [])
-        surrogate = attr.surrogate_importance(res.labels[fit_rows], fit_sub, cand[:60], a.permutation_repeats, a.seed)
-        sig = attr.spectral_signature(res.labels, energy, reference[mask] if reference is not None else None,
-                                      predicted[mask] if predicted is not None else None, onset[mask])
-        enrich_el = attr.element_enrichment(res.labels, sub)
-        member_ids = np.array(sub.ids)
-        clusters = {}
-        for c in sorted(ranked):
-            s = sig[c]
-            spec = {k: {"mean": _ds(s[k]["mean"]), "std": _ds(s[k]["std"])} for k in ("reference", "predicted") if k in s}
-            clusters[str(c)] = {"size": int(s["size"]), "members": member_ids[res.labels == c].tolist(),
-                                "summary": cluster_summary(c, s["size"], s.get("onset"), ranked[c]),
-                                "spectral": {"onset": s.get("onset"), **spec},
-                                "descriptors": _ranked_json(ranked[c], aliases)}
-        (out / "linkage").mkdir(exist_ok=True)
-        np.save(out / "linkage" / f"{name}.npy", res.linkage)
-        if res.mode == "scalable":
-            np.save(out / "linkage" / f"{name}.leaf_of.npy", res.leaf_of)
-        layers_out[name] = {"clustering": res.summary(), "linkage_file": f"linkage/{name}.npy", "n_tests": n_tests,
-                            "tested": names, "aliases": {k: v for k, v in aliases.items() if v},
-                            "clusters": clusters, "surrogate": surrogate, "coverage": int(mask.sum())}
-        f = {}
-        f["dendrogram"] = figs.save(figs.dendrogram(res.linkage, res.n_clusters, name), figdir, f"{name}_dendrogram")["data_uri"]
-        f["map"] = figs.save(figs.embedding_map(res.coords, res.labels, onset[mask], name), figdir, f"{name}_map")["data_uri"]
-        f["spectra"] = figs.save(figs.cluster_spectra(energy, sig, name), figdir, f"{name}_spectra")["data_uri"]
-        f["enrichment"] = figs.save(figs.enrichment_heatmap(ranked, name), figdir, f"{name}_enrichment")["data_uri"]
-        f["elements"] = figs.save(figs.element_maps(enrich_el, name), figdir, f"{name}_elements")["data_uri"]
-        figures[name] = f
-        feats = np.asarray(x.oindex[fit_rows] if hasattr(x, "oindex") else x[fit_rows], dtype=np.float32)
-        probes[name] = prb.probe_layer(feats, fit_sub, targets, folds=a.probe_folds, seed=a.seed)
-        log.info("analyze: %s -> %d clusters (%s)", name, res.n_clusters, res.mode)
-    # layer comparison
-    for base, key in ((REFERENCE, "ami_reference"), (PREDICTED, "ami_predicted")):
-        for name, lab in labels_all.items():
-            if base in labels_all:
-                both = (lab >= 0) & (labels_all[base] >= 0)
-                layers_out[name][key] = float(adjusted_mutual_info_score(labels_all[base][both], lab[both]))
-            else:
-                layers_out[name][key] = None
-    ami = {n: L["ami_reference"] for n, L in layers_out.items() if L.get("ami_reference") is not None}
-    figures["_global"] = {"layers": figs.save(figs.layer_comparison(ami, probes, "layer comparison"), figdir,
-                                              "layer_comparison")["data_uri"]}
-    imp: dict[str, list[float]] = {}
-    for L in layers_out.values():
-        for d, v in L["surrogate"].get("importances", {}).items():
-            imp.setdefault(d, []).append(v["mean"])
-    global_imp = dict(sorted(((d, float(np.sum(v)) / len(layers_out)) for d, v in imp.items()), key=lambda t: -t[1]))
-    failures_by: dict[str, int] = {}
-    for _, d, _ in table.failures:
-        failures_by[d] = failures_by.get(d, 0) + 1
-    result: dict[str, Any] = {
-        "format": "spectrolens-attribution", "version": 1, "run_dir": str(run_dir),
-        "generated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "n_materials": len(rows),
-        "config": json.loads(a.model_dump_json()),
-        "energy_subsample": {"start": float(energy[0]), "step": float(energy[SPECTRUM_STEP] - energy[0]) if len(energy) > SPECTRUM_STEP else None,
-                             "every": SPECTRUM_STEP, "n": int(len(energy[::SPECTRUM_STEP]))},
-        "descriptors": {"n_descriptors": len(table.names), "n_tested": len(names), "n_failures": len(table.failures),
-                        "failures_by_descriptor": failures_by, **inp.dinfo},
-        "layers": layers_out,
-        "global_importance": global_imp,
-        "layer_comparison": {"ami_vs_reference": ami,
-                             "ami_vs_predicted": {n: L["ami_predicted"] for n, L in layers_out.items() if L.get("ami_predicted") is not None}},
-        "probes": probes,
-        "benchmark_recovery": None,
-    }
-    truth = reader.attrs.get("benchmark_truth")
-    if truth:
-        result["benchmark_recovery"] = benchmark_recovery(truth, layers_out)
-        log.info("analyze: benchmark recovery precision@3 overall %.2f (best %s)",
-                 result["benchmark_recovery"]["overall"], result["benchmark_recovery"]["best_layer"])
-    _write_json(out / "attribution.json", result)
-    _write_clusters(out / "clusters.csv", ids, reader, rows, labels_all)
-    render(result, figures, out / "report" / "index.html", f"spectrolens analysis: {run_dir.name}")
+        results.append(lr)
+        _write_linkage(out / "linkage", lr)
+        figures[name] = write_layer_figures(lr, inp.energy, onset, figdir)
+    result = assemble_attribution(cfg, inp, results, names, aliases, truth=inp.reader.attrs.get("benchmark_truth"))
+    figures["_global"] = write_comparison_figure(result["layer_comparison"]["ami_vs_reference"], result["probes"], figdir)
+    write_json(layout.attribution, result)
+    _write_clusters(out / "clusters.csv", inp.ids, inp.reader, inp.rows, {lr.name: lr.labels for lr in results})
+    render(result, figures, layout.report, f"spectrolens analysis: {inp.run_dir.name}")
     log.info("analyze: done in %.1f s -> %s", time.time() - t0, out)
     return result
 
 
-def _subsample(n: int, seed: int) -> np.ndarray:
-    """Sorted rows used to fit the surrogate and the probes: all, or FIT_MAX drawn at random."""
-    if n <= FIT_MAX:
-        return np.arange(n)
-    return np.sort(np.random.default_rng(seed).choice(n, size=FIT_MAX, replace=False))
-
-
-def _ds(a: np.ndarray) -> list[float | None]:
-    return [None if not np.isfinite(v) else round(float(v), 4) for v in a[::SPECTRUM_STEP]]
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=_json_default))
-    tmp.replace(path)
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(f"not JSON serialisable: {type(o)}")
+def _write_linkage(linkage_dir: Path, lr: LayerResult) -> None:
+    """``linkage/<layer>.npy`` (scipy linkage) and, in scalable mode, ``<layer>.leaf_of.npy``."""
+    linkage_dir.mkdir(parents=True, exist_ok=True)
+    np.save(linkage_dir / f"{lr.name}.npy", lr.clustering.linkage)
+    if lr.clustering.mode == "scalable":
+        np.save(linkage_dir / f"{lr.name}.leaf_of.npy", lr.clustering.leaf_of)
 
 
 def _write_clusters(path: Path, ids: list[str], reader, rows: np.ndarray, labels: dict[str, np.ndarray]) -> None:

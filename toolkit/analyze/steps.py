@@ -1,0 +1,261 @@
+"""The analyze stage as small steps, each testable alone (orchestrated by
+:func:`toolkit.analyze.analyze_inputs`):
+
+* :func:`analyze_layer`: one clustering (a model layer or a spectra baseline) -> :class:`LayerResult`:
+  Ward clusters, enrichment ranking, surrogate importances, spectral signatures, element enrichment
+  and linear probes. No file I/O.
+* :func:`write_layer_figures`, :func:`write_comparison_figure`: the only writers of figures
+  (``figures/<layer>_<kind>.png|svg`` and ``figures/layer_comparison.png|svg``); they return the PNG
+  data URIs the report embeds.
+* :func:`assemble_attribution`: the attribution.json dict (schema: docs/report.md) from the layer
+  results: per-layer JSON shaping, AMI between clusterings, global importance, descriptor failures
+  and the benchmark recovery. No file I/O.
+
+Heavy libraries (sklearn, scipy.stats, matplotlib) are imported inside the steps.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from toolkit.analyze import Inputs
+    from toolkit.analyze.clustering import ClusterResult
+    from toolkit.analyze.descriptors import DescriptorTable
+
+log = logging.getLogger(__name__)
+
+REFERENCE = "spectrum_reference"
+PREDICTED = "spectrum_predicted"
+MIN_CLUSTER_FOR_RECOVERY = 5
+FIT_MAX = 20_000  # surrogate classifier and probes are fitted on at most this many materials
+SPECTRUM_STEP = 10  # spectral summaries in attribution.json keep every 10th grid point
+FIGURES = ("dendrogram", "map", "spectra", "enrichment", "elements")  # per-layer figure kinds
+
+
+@dataclass
+class LayerResult:
+    """Everything computed for one clustering; rows are those of the analysed population where
+    ``mask`` is True (``labels`` covers all rows, -1 outside the mask)."""
+
+    name: str
+    clustering: ClusterResult
+    mask: np.ndarray  # (N,) bool: population rows this clustering covers
+    labels: np.ndarray  # (N,) int32 cluster of each population row, -1 = not covered
+    member_ids: list[str]  # ids of the covered rows (order of clustering.labels)
+    ranked: dict[int, list[dict]]  # per cluster: ranked enrichment tests (attribution.enrichment)
+    n_tests: int
+    surrogate: dict[str, Any]
+    signature: dict[int, dict]  # attribution.spectral_signature
+    elements: dict[int, dict[str, float]]  # attribution.element_enrichment
+    probes: dict[str, dict[str, Any]]  # probes.probe_layer
+
+    @property
+    def coverage(self) -> int:
+        return int(self.mask.sum())
+
+
+def onset_of(table: DescriptorTable) -> np.ndarray:
+    """Reference onset (eV) of every table row; NaN for all when the table has no onset column."""
+    return table.column("onset") if "onset" in table.names else np.full(len(table.ids), np.nan)
+
+
+def analyze_layer(cfg, inp: Inputs, name: str, x: Any, mask: np.ndarray, names: list[str],
+                  targets: list[str]) -> LayerResult | None:
+    """Cluster features ``x`` (rows = population rows where ``mask``; numpy or zarr array), attribute
+    the clusters to the descriptors ``names``, probe ``targets``. None (with a warning) when fewer
+    than 3 materials are covered."""
+    from toolkit.analyze import attribution as attr
+    from toolkit.analyze import probes as prb
+    from toolkit.analyze.clustering import cluster
+    from toolkit.analyze.descriptors import DescriptorTable
+
+    a = cfg.analyze
+    if mask.sum() < 3:
+        log.warning("analyze: %s covers %d materials; skipped", name, int(mask.sum()))
+        return None
+    res = cluster(x, n_clusters=a.n_clusters, max_clusters=a.max_clusters, standardize=a.standardize,
+                  pca_components=a.pca_components, scalable_threshold=a.scalable_threshold,
+                  n_micro=a.micro_clusters, seed=a.seed, threads=a.workers)
+    labels = np.full(len(inp.ids), -1, dtype=np.int32)
+    labels[mask] = res.labels
+    table, ids = inp.table, inp.ids
+    sub = (DescriptorTable(ids, table.names, table.values, []) if mask.all() else  # no N x D copy
+           DescriptorTable([i for i, m in zip(ids, mask) if m], table.names, table.values[mask], []))
+    ranked = attr.enrichment(res.labels, sub, names)
+    cand: list[str] = []
+    for rs in ranked.values():
+        cand += [r["descriptor"] for r in rs[:10] if r["q"] < attr.ALPHA and r["descriptor"] not in cand]
+    fit_rows = _subsample(len(sub.ids), a.seed)
+    fit_sub = DescriptorTable([sub.ids[i] for i in fit_rows], sub.names, sub.values[fit_rows], [])
+    surrogate = attr.surrogate_importance(res.labels[fit_rows], fit_sub, cand[:60], a.permutation_repeats, a.seed)
+    sig = attr.spectral_signature(res.labels, inp.energy, inp.reference[mask] if inp.reference is not None else None,
+                                  inp.predicted[mask] if inp.predicted is not None else None, onset_of(table)[mask])
+    elements = attr.element_enrichment(res.labels, sub)
+    feats = np.asarray(x.oindex[fit_rows] if hasattr(x, "oindex") else x[fit_rows], dtype=np.float32)
+    probes = prb.probe_layer(feats, fit_sub, targets, folds=a.probe_folds, seed=a.seed)
+    log.info("analyze: %s -> %d clusters (%s)", name, res.n_clusters, res.mode)
+    return LayerResult(name=name, clustering=res, mask=mask, labels=labels, member_ids=list(sub.ids), ranked=ranked,
+                       n_tests=sum(len(v) for v in ranked.values()), surrogate=surrogate, signature=sig,
+                       elements=elements, probes=probes)
+
+
+# ----------------------------------------------------------------------------------------- figures
+def write_layer_figures(lr: LayerResult, energy: np.ndarray, onset: np.ndarray, figdir: Path) -> dict[str, str]:
+    """Write ``figdir/<layer>_<kind>.png|svg`` for each kind of :data:`FIGURES`; return
+    ``{kind: PNG data URI}``. ``onset``: reference onset of every population row."""
+    from toolkit.analyze import figures as figs
+
+    res, name = lr.clustering, lr.name
+    drawn = {"dendrogram": lambda: figs.dendrogram(res.linkage, res.n_clusters, name),
+             "map": lambda: figs.embedding_map(res.coords, res.labels, onset[lr.mask], name),
+             "spectra": lambda: figs.cluster_spectra(energy, lr.signature, name),
+             "enrichment": lambda: figs.enrichment_heatmap(lr.ranked, name),
+             "elements": lambda: figs.element_maps(lr.elements, name)}
+    return {kind: figs.save(drawn[kind](), figdir, f"{name}_{kind}")["data_uri"] for kind in FIGURES}
+
+
+def write_comparison_figure(ami: dict[str, float], probes: dict[str, dict], figdir: Path) -> dict[str, str]:
+    """Write ``figdir/layer_comparison.png|svg``; return ``{"layers": PNG data URI}`` (the report's
+    ``figures["_global"]``)."""
+    from toolkit.analyze import figures as figs
+
+    return {"layers": figs.save(figs.layer_comparison(ami, probes, "layer comparison"), figdir,
+                                "layer_comparison")["data_uri"]}
+
+
+# ----------------------------------------------------------------------------------------- attribution.json
+def layer_json(lr: LayerResult, names: list[str], aliases: dict[str, list[str]]) -> dict[str, Any]:
+    """``layers.<layer>`` of attribution.json, without the AMI keys (added by :func:`assemble_attribution`)."""
+    from toolkit.analyze.report import cluster_summary
+
+    member_ids = np.array(lr.member_ids)
+    labels = lr.clustering.labels
+    clusters = {}
+    for c in sorted(lr.ranked):
+        s = lr.signature[c]
+        spec = {k: {"mean": _ds(s[k]["mean"]), "std": _ds(s[k]["std"])} for k in ("reference", "predicted") if k in s}
+        clusters[str(c)] = {"size": int(s["size"]), "members": member_ids[labels == c].tolist(),
+                            "summary": cluster_summary(c, s["size"], s.get("onset"), lr.ranked[c]),
+                            "spectral": {"onset": s.get("onset"), **spec},
+                            "descriptors": _ranked_json(lr.ranked[c], aliases)}
+    return {"clustering": lr.clustering.summary(), "linkage_file": f"linkage/{lr.name}.npy", "n_tests": lr.n_tests,
+            "tested": names, "aliases": {k: v for k, v in aliases.items() if v},
+            "clusters": clusters, "surrogate": lr.surrogate, "coverage": lr.coverage}
+
+
+def compare_layers(labels: dict[str, np.ndarray], layers_out: dict[str, dict]) -> None:
+    """Set ``ami_reference`` / ``ami_predicted`` of each ``layers_out`` entry: adjusted mutual
+    information with the reference / predicted-spectra clustering on the rows both cover (None
+    when that baseline was not clustered)."""
+    from sklearn.metrics import adjusted_mutual_info_score
+
+    for base, key in ((REFERENCE, "ami_reference"), (PREDICTED, "ami_predicted")):
+        for name, lab in labels.items():
+            if base in labels:
+                both = (lab >= 0) & (labels[base] >= 0)
+                layers_out[name][key] = float(adjusted_mutual_info_score(labels[base][both], lab[both]))
+            else:
+                layers_out[name][key] = None
+
+
+def global_importance(layers_out: dict[str, dict]) -> dict[str, float]:
+    """Mean surrogate permutation importance of each descriptor over the clusterings (0 where a
+    clustering did not use it), largest first."""
+    imp: dict[str, list[float]] = {}
+    for L in layers_out.values():
+        for d, v in L["surrogate"].get("importances", {}).items():
+            imp.setdefault(d, []).append(v["mean"])
+    return dict(sorted(((d, float(np.sum(v)) / len(layers_out)) for d, v in imp.items()), key=lambda t: -t[1]))
+
+
+def assemble_attribution(cfg, inp: Inputs, layer_results: list[LayerResult], names: list[str],
+                         aliases: dict[str, list[str]], truth: dict | None = None) -> dict[str, Any]:
+    """The attribution.json dict (docs/report.md) of ``layer_results`` (in order); ``names`` and
+    ``aliases`` as from :func:`toolkit.analyze.attribution.dedupe_categorical`; ``truth``: the
+    benchmark's planted drivers (dataset attribute ``benchmark_truth``), None for real data."""
+    layers_out = {lr.name: layer_json(lr, names, aliases) for lr in layer_results}
+    compare_layers({lr.name: lr.labels for lr in layer_results}, layers_out)
+    ami = {n: L["ami_reference"] for n, L in layers_out.items() if L.get("ami_reference") is not None}
+    table, energy = inp.table, inp.energy
+    failures_by: dict[str, int] = {}
+    for _, d, _ in table.failures:
+        failures_by[d] = failures_by.get(d, 0) + 1
+    result: dict[str, Any] = {
+        "format": "spectrolens-attribution", "version": 1, "run_dir": str(inp.run_dir),
+        "generated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "n_materials": len(inp.rows),
+        "config": json.loads(cfg.analyze.model_dump_json()),
+        "energy_subsample": {"start": float(energy[0]), "step": float(energy[SPECTRUM_STEP] - energy[0]) if len(energy) > SPECTRUM_STEP else None,
+                             "every": SPECTRUM_STEP, "n": len(energy[::SPECTRUM_STEP])},
+        "descriptors": {"n_descriptors": len(table.names), "n_tested": len(names), "n_failures": len(table.failures),
+                        "failures_by_descriptor": failures_by, **inp.dinfo},
+        "layers": layers_out,
+        "global_importance": global_importance(layers_out),
+        "layer_comparison": {"ami_vs_reference": ami,
+                             "ami_vs_predicted": {n: L["ami_predicted"] for n, L in layers_out.items() if L.get("ami_predicted") is not None}},
+        "probes": {lr.name: lr.probes for lr in layer_results},
+        "benchmark_recovery": None,
+    }
+    if truth:
+        result["benchmark_recovery"] = benchmark_recovery(truth, layers_out)
+        log.info("analyze: benchmark recovery precision@3 overall %.2f (best %s)",
+                 result["benchmark_recovery"]["overall"], result["benchmark_recovery"]["best_layer"])
+    return result
+
+
+def benchmark_recovery(truth: dict, layers: dict[str, dict], k: int = 3) -> dict[str, Any]:
+    """precision@k of planted drivers among each cluster's top-k descriptors (clusters with at least
+    MIN_CLUSTER_FOR_RECOVERY materials), mean per clustering; overall = mean over clusterings;
+    ``chance`` = precision of a random ranking (share of tested descriptors that match a driver)."""
+    from toolkit.analyze.attribution import matches, precision_at_k
+
+    drivers: list[str] = []
+    for feat in truth.get("features", {}).values():
+        for d in feat.get("drivers", []):
+            if d not in drivers:
+                drivers.append(d)
+    per: dict[str, Any] = {}
+    for name, L in layers.items():
+        precs = {}
+        for c, cl in L["clusters"].items():
+            if cl["size"] >= MIN_CLUSTER_FOR_RECOVERY:
+                ranked = cl["descriptors"]
+                precs[c] = precision_at_k(ranked, drivers, {r["descriptor"]: r["aliases"] for r in ranked}, k)
+        # chance level: share of the tested (deduplicated) descriptors that match a driver
+        tested = L.get("tested", [])
+        chance = float(np.mean([any(matches(n, t, L["aliases"].get(n, [])) for t in drivers) for n in tested])) if tested else None
+        per[name] = {"precision": float(np.mean(list(precs.values()))) if precs else 0.0, "per_cluster": precs,
+                     "chance": chance}
+    vals = [v["precision"] for v in per.values()]
+    best = max(per, key=lambda n: per[n]["precision"]) if per else None
+    return {"k": k, "drivers": drivers, "per_layer": per, "overall": float(np.mean(vals)) if vals else 0.0,
+            "best_layer": best, "min_cluster_size": MIN_CLUSTER_FOR_RECOVERY}
+
+
+# ----------------------------------------------------------------------------------------- helpers
+def _subsample(n: int, seed: int) -> np.ndarray:
+    """Sorted rows used to fit the surrogate and the probes: all, or FIT_MAX drawn at random."""
+    if n <= FIT_MAX:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=FIT_MAX, replace=False))
+
+
+def _ds(a: np.ndarray) -> list[float | None]:
+    return [None if not np.isfinite(v) else round(float(v), 4) for v in a[::SPECTRUM_STEP]]
+
+
+def _ranked_json(rs: list[dict], aliases: dict[str, list[str]], top: int = 25) -> list[dict]:
+    out = []
+    for r in rs[:top]:
+        d = {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in r.items() if k != "p"}
+        d["p"] = r["p"]
+        d["aliases"] = aliases.get(r["descriptor"], [])
+        out.append(d)
+    return out
