@@ -74,6 +74,29 @@ def family(name: str) -> str:
     return name.split(":", 1)[0]
 
 
+#: named descriptor families used by every ranking and by the report: prefix -> family
+FAMILY_OF_PREFIX: dict[str, str] = {
+    "anion": "anion", "electronegativity_diff": "anion",
+    "element": "composition", "fraction": "composition",
+    "cation_class": "cation chemistry", "oxidation": "cation chemistry",
+    "coordination": "coordination", "cn_mean": "coordination",
+    "bond_length": "bonds", "bond_length_mean": "bonds", "bond_length_min": "bonds",
+    "angle_XMX_mean": "angles", "angle_MXM_mean": "angles",
+    "spacegroup": "symmetry", "crystal_system": "symmetry",
+    "density": "density", "volume_per_atom": "density",
+}
+FAMILIES: tuple[str, ...] = ("anion", "cation chemistry", "coordination", "bonds", "angles", "polyanions",
+                             "symmetry", "density", "composition", "spectral", "other")
+
+
+def descriptor_family(name: str) -> str:
+    """The named family of a descriptor (``"anion:oxide"`` -> ``"anion"``, ``"bond_length:Ti-O"`` ->
+    ``"bonds"``, ``"onset"`` / ``"pred:onset"`` -> ``"spectral"``); ``"other"`` when unknown."""
+    if is_spectral(name):
+        return "spectral"
+    return FAMILY_OF_PREFIX.get(family(name), "other")
+
+
 def is_categorical(name: str) -> bool:
     return family(name) in CATEGORICAL_FAMILIES
 
