@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("SPECTROLENS_SHARED_DATA", REPO.parent / "shared" / "data"))
 sys.path.insert(0, str(REPO))
-from toolkit.hpc.executors import MALLOC_ENV  # noqa: E402  (one definition: glibc malloc tuning)
+from toolkit.runtime import MALLOC_ENV  # noqa: E402  (one definition: glibc malloc tuning)
 
 
 def add_step_args(ap: "argparse.ArgumentParser") -> None:

@@ -61,3 +61,34 @@ def test_cli_prints_toolkit_errors_without_traceback(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc != 0
     assert "Traceback" not in err and str(tmp_path / "empty") in err
+
+
+def test_top_level_seed_seeds_every_stage_not_set_explicitly():
+    cfg = load_config(None, ["seed=5", "train.seed=9"])
+    assert (cfg.data.benchmark.seed, cfg.train.seed, cfg.analyze.seed) == (5, 9, 5)
+    default = load_config(None)
+    assert default.seed is None and (default.data.benchmark.seed, default.train.seed, default.analyze.seed) == (0, 123, 0)
+
+
+def test_rbf_cutoff_is_not_the_graph_cutoff_and_old_name_is_read():
+    cfg = load_config(None, ["model.cutoff=6.5", "graph.cutoff=9"])
+    assert cfg.model.rbf_cutoff == 6.5 and cfg.graph.cutoff == 9
+    assert "rbf_cutoff" in cfg.model.model_dump() and "cutoff" not in cfg.model.model_dump()
+    assert load_config(None, ["model.rbf_cutoff=7"]).model.rbf_cutoff == 7
+
+
+@pytest.mark.parametrize("sets, msg", [
+    (["data.source=alignn"], "needs data.path"),
+    (["data.log_floor=.nan"], "finite"),
+    (["data.grid.stop=.inf"], "finite"),
+    (["data.onset_threshold=-.inf"], "finite"),
+])
+def test_schema_refuses_missing_paths_and_non_finite_numbers(sets, msg):
+    with pytest.raises(ConfigError, match=msg):
+        load_config(None, sets)
+
+
+def test_every_toolkit_error_is_a_spectrolens_error():
+    from toolkit.errors import SpectrolensError
+
+    assert issubclass(ConfigError, SpectrolensError) and issubclass(ConfigError, ValueError)

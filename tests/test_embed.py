@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ import pytest
 import torch
 import zarr
 
-from toolkit import embed
+from toolkit import embed, sharded
 from toolkit.cli import main as cli_main
 from toolkit.config import PipelineConfig, load_config
 from toolkit.data import prepare
@@ -25,6 +26,7 @@ from toolkit.data.store import DatasetReader
 from toolkit.embed import hooks
 from toolkit.embed import stage
 from toolkit.embed import store as st
+from toolkit.hpc import launch
 from toolkit.model import build_model
 from toolkit.train import checkpoint as ckpt
 
@@ -100,7 +102,7 @@ def reference(prepared):
     """One worker, all layers, mean/max/sum pooling, per-atom features."""
     run_dir = _run_dir(prepared, "ref")
     cfg = _cfg(prepared["ckpt"], pooling=["mean", "max", "sum"], per_atom=True)
-    info = embed.run(cfg, run_dir)
+    info = launch.run_sharded("embed", cfg, run_dir)
     assert info["n_shards"] == 4
     return {"run_dir": run_dir, "cfg": cfg, "arrays": _arrays(embed.open_embeddings(run_dir))}
 
@@ -196,7 +198,7 @@ def test_store_metadata_and_logs(prepared, reference):
 def test_three_concurrent_workers_give_identical_arrays(prepared, reference):
     run_dir = _run_dir(prepared, "three")
     cfg = _cfg(prepared["ckpt"], pooling=["mean", "max", "sum"], per_atom=True, workers=3)
-    embed.run(cfg, run_dir)
+    launch.run_sharded("embed", cfg, run_dir)
     got = _arrays(embed.open_embeddings(run_dir))
     assert set(got) == set(reference["arrays"])
     for key, ref in reference["arrays"].items():
@@ -214,7 +216,7 @@ def _slow(self, sel, value):
     _orig(self, sel, value)
     time.sleep(0.25)
 zarr.Array.__setitem__ = _slow
-from toolkit.embed.worker import main
+from toolkit.hpc.worker import main
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -226,7 +228,7 @@ def test_sigkill_mid_shard_then_rerun_completes_without_missing_or_duplicates(pr
     path = st.store_path(run_dir)
     config_file = run_dir / "cfg.yaml"
     config_file.write_text(json.dumps(json.loads(cfg.model_dump_json())))
-    cmd = [sys.executable, "-c", _SLOW_WORKER, "--config", str(config_file), "--run-dir", str(run_dir),
+    cmd = [sys.executable, "-c", _SLOW_WORKER, "--stage", "embed", "--config", str(config_file), "--run-dir", str(run_dir),
            "--task", "0", "--tasks", "1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     first_write_of_shard_1 = path / "layers" / "alignn_1" / "mean" / "c" / "1" / "0"
@@ -243,7 +245,7 @@ def test_sigkill_mid_shard_then_rerun_completes_without_missing_or_duplicates(pr
     assert embed.verify(cfg, run_dir) == 1
     rec0 = st.read_record(path, 0)
 
-    embed.run(cfg, run_dir)  # 2 workers do only the missing shards
+    launch.run_sharded("embed", cfg, run_dir)  # 2 workers do only the missing shards
     assert st.read_record(path, 0) == rec0  # the finished shard was not redone
     got = _arrays(embed.open_embeddings(run_dir))
     assert len(got) == 9  # ids, index, energy, prediction, 5 layers x mean
@@ -267,7 +269,7 @@ def test_other_checkpoint_is_refused_not_mixed(prepared, tmp_path):
     with pytest.raises(st.EmbedStoreError, match="refusing to mix"):
         stage.run_shard(cfg, run_dir, 1)
     with pytest.raises(st.EmbedStoreError, match="refusing to mix"):
-        embed.run(cfg, run_dir)
+        launch.run_sharded("embed", cfg, run_dir)
     assert st.done_shards(st.store_path(run_dir)) == {0}
     assert embed.verify(cfg, run_dir) == 1
 
@@ -277,7 +279,7 @@ def test_failing_worker_is_reported_with_its_log(prepared):
     run_dir = _run_dir(prepared, "failing")
     cfg = _cfg(prepared["ckpt"], layers=["readout"], device="cuda")
     with pytest.raises(embed.EmbedError, match=r"(?s)worker 0 exited with 1 .*worker-0.log.*torch sees no GPU"):
-        embed.run(cfg, run_dir)
+        launch.run_sharded("embed", cfg, run_dir)
     assert st.done_shards(st.store_path(run_dir)) == set()
     assert embed.verify(cfg, run_dir) == 1
 
@@ -312,15 +314,15 @@ def test_task_with_dataloader_workers_prefetching_across_shards(prepared, refere
     run_dir = _run_dir(prepared, "loader_workers")
     cfg = _cfg(prepared["ckpt"], layers=["gcn_2", "readout"], num_workers=1, batch_size=3)
     stage.plan(cfg, run_dir)
-    assert stage.run_task(cfg, run_dir, 1, 2) == [1, 3]
-    assert stage.run_task(cfg, run_dir, 1, 2) == []  # done shards are skipped
-    assert stage.run_task(cfg, run_dir, 0, 2) == [0, 2]
+    assert sharded.run_task("embed", cfg, run_dir, 1, 2) == [1, 3]
+    assert sharded.run_task("embed", cfg, run_dir, 1, 2) == []  # done shards are skipped
+    assert sharded.run_task("embed", cfg, run_dir, 0, 2) == [0, 2]
     stage.finalize(cfg, run_dir)
     got = embed.open_embeddings(run_dir)
     for key in ("layers/gcn_2/mean", "layers/readout/mean", "prediction"):
         np.testing.assert_allclose(got[key][:], reference["arrays"][key], rtol=1e-5, atol=1e-5, err_msg=key)
     with pytest.raises(embed.EmbedError, match="task 2 is not in"):
-        stage.run_task(cfg, run_dir, 2, 2)
+        sharded.run_task("embed", cfg, run_dir, 2, 2)
 
 
 def test_bf16_autocast_path_runs_on_cpu(prepared, reference):
@@ -373,3 +375,27 @@ def test_docs_snippet_opens_the_store(repo_root, reference):
     assert list(env["ids"]) == list(reference["arrays"]["ids"])
     assert env["ds"]["mean"].shape == (N_STRUCTURES, 16)
     assert env["atoms_i"].shape[1] == 16
+
+
+@pytest.mark.parametrize("repeat", range(3))
+def test_two_concurrent_embed_commands_give_one_correct_store(prepared, reference, repo_root, repeat):
+    """A double submission: two `spectrolens embed` processes (2 and 1 workers) started together on one run
+    directory both finish, every shard is extracted exactly once, and the arrays equal a single run's."""
+    run_dir = _run_dir(prepared, f"concurrent{repeat}")
+    args = [sys.executable, "-m", "toolkit.cli", "embed", "--run-dir", str(run_dir),
+            "--set", f"embed.checkpoint={prepared['ckpt']}", "--set", "embed.shard_size=8",
+            "--set", "embed.batch_size=4", "--set", "embed.pooling=[mean,max,sum]", "--set", "embed.per_atom=true"]
+    args += [f"--set=model.{k}={v}" for k, v in MODEL.items()]
+    procs = [subprocess.Popen(args + ["--set", f"embed.workers={w}"], cwd=repo_root, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for w in (2, 1)]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+    got = _arrays(embed.open_embeddings(run_dir))
+    assert set(got) == set(reference["arrays"])
+    for key, ref in reference["arrays"].items():
+        np.testing.assert_array_equal(got[key], ref, err_msg=key)
+    logs = "".join(p.read_text() for p in (run_dir / "logs" / "embed").glob("task-*.log"))
+    done = Counter(int(m) for m in re.findall(r"shard (\d+) done", logs))
+    assert done == Counter(range(4))  # one writer per shard
+    assert embed.verify(reference["cfg"], run_dir) == 0

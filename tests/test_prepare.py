@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -180,3 +182,30 @@ def test_prepare_under_mpiexec_splits_parts_across_ranks(tmp_path, shared_data, 
     assert len(set(pids)) == 2  # two ranks wrote ...
     assert len(set(pids[0::2])) == 1 and len(set(pids[1::2])) == 1 and pids[0] != pids[1]  # ... parts u % 2 == rank
     assert "MPI rank 1 of 2" in out.stderr
+
+
+@pytest.mark.parametrize("repeat", range(3))
+def test_two_concurrent_prepare_commands_give_one_correct_store(tmp_path, shared_data, repo_root, repeat):
+    """A double submission: two `spectrolens prepare` processes (2 and 1 workers) started together on one
+    run directory both finish, every part is built exactly once, and the store equals a single run's."""
+    src = tmp_path / "mp60.jsonl"
+    src.write_text("".join((shared_data / "mp_structures" / "mp_structures.jsonl").open().readlines()[:60]))
+    sets = ["--set", "data.source=jsonl", "--set", f"data.path={src}", "--set", "data.shard_size=6"]
+    single = tmp_path / "single"
+    prepare.run(jsonl_cfg(src, **{"data.shard_size": 6}), single)
+    run_dir = tmp_path / "run"
+    procs = [subprocess.Popen([sys.executable, "-m", "toolkit.cli", "prepare", "--run-dir", str(run_dir), *sets,
+                               "--set", f"data.workers={w}"], cwd=repo_root, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for w in (2, 1)]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+    a, b = store.DatasetReader(single / "dataset.zarr"), store.DatasetReader(run_dir / "dataset.zarr")
+    assert [str(x) for x in a.ids] == [str(x) for x in b.ids] and len(b) == 60
+    for p in range(a.n_parts):
+        assert store.part_attrs(single / "dataset.zarr", p)["checksum"] == \
+            store.part_attrs(run_dir / "dataset.zarr", p)["checksum"]
+    logs = "".join(p.read_text() for p in (run_dir / "logs" / "prepare").glob("task-*.log"))
+    built = Counter(int(m) for m in re.findall(r"part (\d{5}): \d+ materials", logs))
+    assert built == Counter(range(10))  # one writer per part
+    assert json.loads((run_dir / "prepare" / "summary.json").read_text())["n_materials"] == 60

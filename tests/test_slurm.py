@@ -291,3 +291,35 @@ def test_the_same_submitit_job_runs_inside_the_container(slurm_cluster, tmp_path
     assert len(calls) == 1 and calls[0]["image"] == str(image) and calls[0]["opts"]["--nv"]
     assert calls[0]["opts"]["binds"] == [str(run_dir)]
     assert calls[0]["cmd"] == ["python", "-u", "-m", "submitit.core._submit", str(sx.folder / "analyze")]
+
+
+def test_fake_sharded_stage_as_a_slurm_array(slurm_cluster, tmp_path, monkeypatch):
+    """The launcher contract on SLURM: the tiny fake stage of tests/test_launcher.py runs as a 2-task
+    array + finalize job, through the same toolkit.hpc.stages.array_task as local workers and MPI ranks."""
+    from collections import Counter
+
+    from toolkit.config import StageResources
+    from toolkit.hpc.executors import SlurmExecutor
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # jobs import tests.fake_stage from here
+    run_dir = tmp_path / "fake"
+    ex = SlurmExecutor(load_config(None, {"executor": {"kind": "slurm"}}), run_dir)
+    jobs, last = ex.submit_sharded("tests.fake_stage", StageResources(array_tasks=2, cpus_per_task=1, time_min=5), [])
+    ids = [t["job_id"] for j in jobs for t in j["tasks"]]
+    assert [j["role"] for j in jobs] == ["array", "finalize"] and last == [jobs[1]["job_id"]]
+    deadline = time.time() + 300
+    while True:
+        states = status.slurm_states(ids)
+        if all(states.get(i, ("unknown",))[0] in status.TERMINAL for i in ids):
+            break
+        assert time.time() < deadline, states
+        time.sleep(1)
+    assert all(states[i][0] == "completed" for i in ids), states
+    result = json.loads((run_dir / "fake" / "result.json").read_text())
+    assert result["sum"] == sum(u * u for u in range(6))
+    writes = (run_dir / "fake" / "writes.log").read_text().split()
+    assert Counter(int(u) for u in writes[0::2]) == Counter(range(6))
+    pids = result["pids"]
+    assert len(set(pids[0::2])) == 1 and len(set(pids[1::2])) == 1 and pids[0] != pids[1]
+    for name in ("task-0.log", "task-1.log", "finalize.log"):
+        assert (run_dir / "logs" / "fake" / name).stat().st_size > 0, name

@@ -240,7 +240,7 @@ def test_non_finite_loss_names_the_materials_and_keeps_the_last_good_checkpoint(
 def test_trainjob_runs_under_submitit_and_requeues_itself(prepared, tmp_path):
     import submitit
 
-    from toolkit.train import TrainJob
+    from toolkit.hpc.stages import TrainJob
 
     cfg = tiny_cfg("train.epochs=1")
     d = fresh_run(prepared, tmp_path, "submitit")

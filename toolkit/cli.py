@@ -8,11 +8,13 @@ Every stage command takes ``--config FILE`` (YAML, see jobs/), ``--run-dir DIR``
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 from pathlib import Path
 
 from toolkit.config import ConfigError, PipelineConfig, load_config
+from toolkit.errors import SpectrolensError
 
 log = logging.getLogger("spectrolens")
 
@@ -79,57 +81,38 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"spectrolens: {e}", file=sys.stderr)
         return 2
-    except Exception as e:  # noqa: BLE001 - only the toolkit's own, explained errors are caught
-        if not _is_user_error(e):
-            raise
+    except SpectrolensError as e:  # the message already says what is wrong and what to change
         print(f"spectrolens {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
-
-
-#: Errors whose message already says what is wrong and what to change: printed without a traceback.
-_USER_ERRORS = [("toolkit.model.checkpoint", "CheckpointError"), ("toolkit.train.loop", "NonFiniteLossError"),
-                ("toolkit.train.distributed", "DistributedSetupError"), ("toolkit.data.store", "StoreError"),
-                ("toolkit.embed.extract", "EmbedError"), ("toolkit.embed.store", "EmbedStoreError"),
-                ("toolkit.analyze", "AnalyzeError"), ("toolkit.hpc.status", "StatusError")]
-
-
-def _is_user_error(e: BaseException) -> bool:
-    for module, name in _USER_ERRORS:
-        cls = getattr(sys.modules.get(module), name, None)  # only modules that were imported can raise
-        if cls is not None and isinstance(e, cls):
-            return True
-    return False
+    except OSError as e:  # out of space, read-only or not writable: one line naming the path
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+            raise
+        print(f"spectrolens {args.command}: cannot write {e.filename or ''}: {e.strerror}; free space or fix "
+              f"permissions and re-run (finished work is kept)", file=sys.stderr)
+        return 1
 
 
 def _dispatch(args: argparse.Namespace) -> int:
     cmd = args.command
-    if cmd == "prepare":
+    if cmd in ("prepare", "embed"):
         cfg = _load(args)
-        from toolkit.data import prepare
+        from toolkit.hpc import launch
 
-        if args.part is not None:
-            prepare.plan(cfg, args.run_dir)
-            prepare.run_part(cfg, args.run_dir, args.part)
+        if getattr(args, "verify", False):
+            from toolkit import embed
+
+            return embed.verify(cfg, args.run_dir)
+        unit = args.part if cmd == "prepare" else args.shard
+        if unit is not None:
+            launch.run_unit(cmd, cfg, args.run_dir, unit)
             return 0
-        summary = prepare.run(cfg, args.run_dir)
-        return 1 if (cfg.data.strict and summary.get("n_rejected", 0)) else 0
+        launch.run_sharded(cmd, cfg, args.run_dir)
+        return 0
     if cmd == "train":
         cfg = _load(args)
         from toolkit import train
 
         train.run(cfg, args.run_dir)
-        return 0
-    if cmd == "embed":
-        cfg = _load(args)
-        from toolkit import embed
-
-        if args.verify:
-            return embed.verify(cfg, args.run_dir)
-        if args.shard is not None:
-            embed.plan(cfg, args.run_dir)
-            embed.run_shard(cfg, args.run_dir, args.shard)
-            return 0
-        embed.run(cfg, args.run_dir)
         return 0
     if cmd == "analyze":
         cfg = _load(args)

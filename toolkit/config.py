@@ -13,6 +13,7 @@ Section owners: ``data`` (toolkit.data), ``graph`` (toolkit.data.graphs), ``mode
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import subprocess
@@ -21,7 +22,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from toolkit.errors import SpectrolensError
 
 SourceKind = Literal["benchmark", "alignn", "jsonl", "vasp", "jarvis", "refractiveindex"]
 
@@ -41,6 +44,8 @@ class GridConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> "GridConfig":
+        if not (math.isfinite(self.start) and math.isfinite(self.stop)):
+            raise ValueError(f"grid.start and grid.stop must be finite numbers, got {self.start}, {self.stop}")
         if not self.stop > self.start:
             raise ValueError(f"grid.stop ({self.stop}) must be greater than grid.start ({self.start})")
         return self
@@ -75,6 +80,20 @@ class DataConfig(_Section):
     shard_size: int = Field(256, ge=1, description="materials per store part (one part = one writer's unit)")
     workers: int = Field(2, ge=1, description="local worker processes")
 
+    @field_validator("log_floor", "onset_threshold", "min_distance")
+    @classmethod
+    def _finite(cls, v: float) -> float:
+        if not math.isfinite(v):
+            raise ValueError(f"must be a finite number, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _path_required(self) -> "DataConfig":
+        """Every source but the embedded benchmark and JARVIS (downloaded to cache_dir) reads data.path."""
+        if self.source not in ("benchmark", "jarvis") and self.path is None:
+            raise ValueError(f"data.source={self.source!r} needs data.path (the file or folder to read)")
+        return self
+
 
 class GraphConfig(_Section):
     """Periodic k-nearest-neighbour atom graph + line graph, ALIGNN semantics (toolkit.data.graphs).
@@ -100,7 +119,9 @@ class ModelConfig(_Section):
     embedding_features: int = Field(64, ge=1)
     hidden_features: int = Field(256, ge=1)
     output_features: int | None = Field(None, description="default: the dataset grid length")
-    cutoff: float = Field(8.0, gt=0, description="upper end of the bond-length RBF (Å); upstream: 8")
+    rbf_cutoff: float = Field(8.0, gt=0, validation_alias=AliasChoices("rbf_cutoff", "cutoff"),
+                              description="upper end of the bond-length RBF expansion (Å; upstream: 8). Not the "
+                              "neighbour search radius (graph.cutoff); 'model.cutoff' is read as this")
     link: Literal["identity", "log", "logit"] = Field("identity", description="applied to fc output")
 
 
@@ -225,7 +246,8 @@ class ContainerConfig(_Section):
 class PipelineConfig(_Section):
     name: str = "spectrolens"
     run_dir: Path | None = None
-    seed: int = 0
+    seed: int | None = Field(None, description="seeds every stage whose own seed is not given "
+                             "(data.benchmark.seed, train.seed, analyze.seed)")
     data: DataConfig = DataConfig()
     graph: GraphConfig = GraphConfig()
     model: ModelConfig = ModelConfig()
@@ -235,8 +257,32 @@ class PipelineConfig(_Section):
     executor: ExecutorConfig = ExecutorConfig()
     container: ContainerConfig = ContainerConfig()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _spread_seed(cls, raw: Any) -> Any:
+        """A top-level ``seed`` fills every stage seed that the config does not set itself."""
+        if not isinstance(raw, dict) or raw.get("seed") is None:
+            return raw
+        raw = json.loads(json.dumps(raw, default=str))  # a deep copy of plain data
+        for path in SEEDED:
+            cur = raw
+            for k in path[:-1]:
+                nxt = cur.get(k)
+                if nxt is None:
+                    nxt = cur[k] = {}
+                if not isinstance(nxt, dict):
+                    break
+                cur = nxt
+            else:
+                cur.setdefault(path[-1], raw["seed"])
+        return raw
 
-class ConfigError(ValueError):
+
+#: the stage seeds a top-level ``seed`` fills in
+SEEDED: tuple[tuple[str, ...], ...] = (("data", "benchmark", "seed"), ("train", "seed"), ("analyze", "seed"))
+
+
+class ConfigError(SpectrolensError, ValueError):
     """A configuration that cannot be used; the message says what to change."""
 
 
@@ -325,24 +371,27 @@ def package_versions() -> dict[str, str | None]:
 def record_run(cfg: PipelineConfig, run_dir: Path, stage: str | None = None) -> None:
     """Write ``config.yaml`` and ``run_info.json`` (versions, git revision, seeds, host) into run_dir.
 
-    If the run directory already holds a config that differs in a way that changes results,
-    the caller should refuse (see :func:`check_compatible`)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / ".config.yaml.tmp"
-    tmp.write_text(dump_config(cfg))
-    os.replace(tmp, run_dir / "config.yaml")
-    info_path = run_dir / "run_info.json"
-    info = json.loads(info_path.read_text()) if info_path.exists() else {"stages": {}}
-    info.update({
-        "versions": package_versions(),
-        "git_revision": _git_revision(),
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "seeds": {"pipeline": cfg.seed, "benchmark": cfg.data.benchmark.seed, "train": cfg.train.seed,
-                  "analyze": cfg.analyze.seed},
-    })
-    if stage:
-        info.setdefault("stages", {})[stage] = {"host": platform.node(), "pid": os.getpid()}
-    tmp = run_dir / ".run_info.json.tmp"
-    tmp.write_text(json.dumps(info, indent=2))
-    os.replace(tmp, info_path)
+    Safe for concurrent callers (ranks, array tasks, double submissions): atomic writes with unique
+    temporary names, and the read-modify-write of run_info.json under a lock."""
+    from toolkit.layout import RunLayout
+    from toolkit.runtime import FileLock, write_json, write_text
+
+    lay = RunLayout(run_dir)
+    lay.root.mkdir(parents=True, exist_ok=True)
+    write_text(lay.config, dump_config(cfg))
+    with FileLock(lay.root, "run_info"):
+        try:
+            info = json.loads(lay.run_info.read_text()) if lay.run_info.exists() else {"stages": {}}
+        except ValueError:
+            info = {"stages": {}}
+        info.update({
+            "versions": package_versions(),
+            "git_revision": _git_revision(),
+            "python": sys.version.split()[0],
+            "platform": platform.platform(),
+            "seeds": {"pipeline": cfg.seed, "benchmark": cfg.data.benchmark.seed, "train": cfg.train.seed,
+                      "analyze": cfg.analyze.seed},
+        })
+        if stage:
+            info.setdefault("stages", {})[stage] = {"host": platform.node(), "pid": os.getpid()}
+        write_json(lay.run_info, info, indent=2)

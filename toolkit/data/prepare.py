@@ -1,8 +1,11 @@
 """The ``prepare`` stage: a data source -> ``RUN_DIR/dataset.zarr`` (structures, graphs, spectra, descriptors).
 
-Launcher contract (docs/architecture.md): :func:`plan` (idempotent: scan, plan file, store skeleton),
-:func:`run_part` (one part; no-op when complete), :func:`finalize` (check parts, merge rejects,
-index, ``complete: true``), :func:`run` (all three locally with ``cfg.data.workers`` processes).
+A sharded stage (the contract: :mod:`toolkit.sharded`; units are *parts* of ``data.shard_size``
+records): :func:`plan` (scan, plan file, store skeleton), :func:`unit_done`, :func:`run_units` /
+:func:`run_part` (build parts from scratch), :func:`finalize` (check parts, merge rejects, index,
+summary, then ``complete: true`` last), :func:`run` (all of it in this process). Where the parts are
+built (local worker processes, MPI ranks, SLURM array tasks) is the launcher's choice
+(:mod:`toolkit.hpc.launch`); this module imports nothing from it.
 
 Files under ``RUN_DIR/prepare/``: ``plan.json`` (keys per part and the config fingerprint),
 ``scan_rejects.csv``, ``parts/<part>.rejects.csv`` (written before the part's completion record),
@@ -16,18 +19,14 @@ store is refused with a :class:`~toolkit.config.ConfigError`, never mixed in.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
-import multiprocessing as mp
 import os
 import sys
 import time
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -35,19 +34,39 @@ from toolkit.config import ConfigError, PipelineConfig, record_run
 from toolkit.data import store
 from toolkit.data.graphs import graph_from_config
 from toolkit.data.records import Material, Reject, read_rejects, write_rejects
+from toolkit.errors import SpectrolensError
+from toolkit.layout import RunLayout
+from toolkit.runtime import write_json
 
 log = logging.getLogger("spectrolens.prepare")
 
-STORE_NAME = "dataset.zarr"
+NAME = "prepare"
+UNIT = "part"
 _GAP_KEYS = ("direct_gap", "indirect_gap")
 
 
+class PrepareError(SpectrolensError, RuntimeError):
+    """prepare cannot finish as asked (the message names the part, file or setting)."""
+
+
+Error = PrepareError
+
+
 def store_path(run_dir: str | os.PathLike) -> Path:
-    return Path(run_dir) / STORE_NAME
+    return RunLayout(run_dir).dataset
 
 
 def _prep_dir(run_dir: str | os.PathLike) -> Path:
-    return Path(run_dir) / "prepare"
+    return RunLayout(run_dir).prepare_dir
+
+
+def workers(cfg: PipelineConfig) -> int:
+    """Local worker processes of this stage (``data.workers``)."""
+    return cfg.data.workers
+
+
+def device(cfg: PipelineConfig) -> str:
+    return "cpu"
 
 
 def fingerprint(cfg: PipelineConfig) -> dict:
@@ -80,28 +99,8 @@ def _refuse_if_changed(old: dict, new: dict, what: Path) -> None:
     if changes:
         raise ConfigError(
             f"{what} was prepared with a different data/graph configuration ({'; '.join(changes)}); "
-            f"refusing to mix datasets. Use a new run directory, or delete {what.parent / STORE_NAME} and "
+            f"refusing to mix datasets. Use a new run directory, or delete {what.parent / 'dataset.zarr'} and "
             f"{what.parent} to prepare again")
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
-
-
-@contextmanager
-def _lock(run_dir: Path) -> Iterator[None]:
-    """Exclusive lock so concurrent array tasks create the plan and store skeleton exactly once."""
-    p = _prep_dir(run_dir)
-    p.mkdir(parents=True, exist_ok=True)
-    with open(p / ".plan.lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def load_plan(cfg: PipelineConfig, run_dir: str | os.PathLike) -> dict:
@@ -135,34 +134,35 @@ def plan(cfg: PipelineConfig, run_dir: str | os.PathLike) -> int:
     """Scan the source, write ``prepare/plan.json`` and create the store skeleton (once); returns n_parts.
 
     Idempotent: an existing plan with the same fingerprint is reused (the source is not re-scanned);
-    a different fingerprint raises ConfigError."""
+    a different fingerprint raises ConfigError. Concurrent callers are serialised by the launcher
+    (:func:`toolkit.sharded.plan_once`)."""
     from toolkit.data.readers import open_source
 
     run_dir = Path(run_dir)
     fp = fingerprint(cfg)
     spath = store_path(run_dir)
-    with _lock(run_dir):
-        ppath = _prep_dir(run_dir) / "plan.json"
-        if ppath.is_file():
-            existing = json.loads(ppath.read_text())
-            _refuse_if_changed(existing["fingerprint"], fp, ppath)
-            if (spath / "zarr.json").is_file():
-                _refuse_if_changed(store.root_attrs(spath).get("prepare_config", {}), fp, spath)
-                return int(existing["n_parts"])
-        elif (spath / "zarr.json").is_file():
+    ppath = _prep_dir(run_dir) / "plan.json"
+    skeleton = store.skeleton_complete(spath)  # False also for a skeleton a kill left half written: redone
+    if ppath.is_file():
+        existing = json.loads(ppath.read_text())
+        _refuse_if_changed(existing["fingerprint"], fp, ppath)
+        if skeleton:
             _refuse_if_changed(store.root_attrs(spath).get("prepare_config", {}), fp, spath)
-        source = open_source(cfg.data)
-        t0 = time.perf_counter()
-        keys, rejects = source.scan()
-        size = cfg.data.shard_size
-        parts = [keys[i:i + size] for i in range(0, len(keys), size)]
-        write_rejects(_prep_dir(run_dir) / "scan_rejects.csv", rejects)
-        _write_json(ppath, {"fingerprint": fp, "n_parts": len(parts), "n_keys": len(keys),
-                            "n_scan_rejects": len(rejects), "scan_seconds": time.perf_counter() - t0, "parts": parts})
-        store.create_store(spath, _root_attrs(cfg, source, len(parts), len(keys)))
-        log.info("prepare plan: %d records in %d parts of <= %d, %d rejected at scan -> %s",
-                 len(keys), len(parts), size, len(rejects), spath)
-        return len(parts)
+            return int(existing["n_parts"])
+    elif skeleton:
+        _refuse_if_changed(store.root_attrs(spath).get("prepare_config", {}), fp, spath)
+    source = open_source(cfg.data)
+    t0 = time.perf_counter()
+    keys, rejects = source.scan()
+    size = cfg.data.shard_size
+    parts = [keys[i:i + size] for i in range(0, len(keys), size)]
+    write_rejects(_prep_dir(run_dir) / "scan_rejects.csv", rejects)
+    write_json(ppath, {"fingerprint": fp, "n_parts": len(parts), "n_keys": len(keys),
+                        "n_scan_rejects": len(rejects), "scan_seconds": time.perf_counter() - t0, "parts": parts})
+    store.create_store(spath, _root_attrs(cfg, source, len(parts), len(keys)))
+    log.info("prepare plan: %d records in %d parts of <= %d, %d rejected at scan -> %s",
+             len(keys), len(parts), size, len(rejects), spath)
+    return len(parts)
 
 
 def _scalar(v: Any) -> float | str | None:
@@ -208,14 +208,31 @@ def _part_rejects_path(run_dir: Path, part: int) -> Path:
     return _prep_dir(run_dir) / "parts" / f"{store.part_name(part)}.rejects.csv"
 
 
-def run_part(cfg: PipelineConfig, run_dir: str | os.PathLike, part: int) -> None:
+def unit_done(run_dir: str | os.PathLike, part: int) -> bool:
+    """Part ``part`` is complete (its completion record is there and so are its arrays)."""
+    return store.part_complete(store_path(run_dir), part)
+
+
+def run_units(cfg: PipelineConfig, run_dir: str | os.PathLike, parts: list[int]) -> None:
+    """Build ``parts`` (each from scratch; the caller holds their locks, see :mod:`toolkit.sharded`)."""
+    from toolkit.data.readers import open_source
+
+    run_dir = Path(run_dir)
+    pl = load_plan(cfg, run_dir)
+    source = open_source(cfg.data)
+    for part in parts:
+        run_part(cfg, run_dir, part, plan=pl, source=source)
+
+
+def run_part(cfg: PipelineConfig, run_dir: str | os.PathLike, part: int, *, plan: dict | None = None,
+             source: Any = None) -> None:
     """Build part ``part`` from scratch (no-op if it is complete): load its keys, build graphs and
     descriptors, write its rejects, write the part group, mark it complete last."""
     from toolkit.data.readers import open_source
     from toolkit.data.spectra import energy_grid
 
     run_dir = Path(run_dir)
-    pl = load_plan(cfg, run_dir)
+    pl = plan if plan is not None else load_plan(cfg, run_dir)
     if not 0 <= part < pl["n_parts"]:
         raise ConfigError(f"part {part} does not exist: the plan has {pl['n_parts']} parts (0..{pl['n_parts'] - 1})")
     spath = store_path(run_dir)
@@ -225,7 +242,7 @@ def run_part(cfg: PipelineConfig, run_dir: str | os.PathLike, part: int) -> None
     t0 = time.perf_counter()
     keys = pl["parts"][part]
     energy = energy_grid(cfg.data.grid.start, cfg.data.grid.stop, cfg.data.grid.num)
-    source = open_source(cfg.data)
+    source = source if source is not None else open_source(cfg.data)
     records: list[store.MaterialRecord] = []
     rejects: list[Reject] = []
     seen = 0
@@ -249,28 +266,20 @@ def run_part(cfg: PipelineConfig, run_dir: str | os.PathLike, part: int) -> None
              len(rejects), attrs["n_edges"], time.perf_counter() - t0)
 
 
-def run_task(cfg: PipelineConfig, run_dir: str | os.PathLike, task: int, n_tasks: int) -> list[int]:
-    """Array task ``task`` of ``n_tasks``: plan (idempotent) and build parts ``u`` with ``u % n_tasks == task``."""
-    n = plan(cfg, run_dir)
-    mine = [u for u in range(n) if u % n_tasks == task]
-    for u in mine:
-        run_part(cfg, run_dir, u)
-    return mine
-
-
 def _reason_kind(reason: str) -> str:
     return reason.split(":", 1)[0].strip() or reason
 
 
 def finalize(cfg: PipelineConfig, run_dir: str | os.PathLike) -> dict:
-    """Check every part is complete, merge rejects, write the index and summary, mark the store complete.
+    """Check every part is complete, merge rejects, write the index and summary, mark the store
+    complete (the completion mark is the last write).
 
     Returns the summary (also ``prepare/summary.json``). A store that is already complete is left
     as it is and its summary returned."""
     run_dir = Path(run_dir)
     pl = load_plan(cfg, run_dir)
     spath = store_path(run_dir)
-    sumpath = _prep_dir(run_dir) / "summary.json"
+    sumpath = RunLayout(run_dir).prepare_summary
     if store.root_attrs(spath).get("complete") is True and sumpath.is_file():
         return json.loads(sumpath.read_text())
     n_parts = int(pl["n_parts"])
@@ -282,7 +291,7 @@ def finalize(cfg: PipelineConfig, run_dir: str | os.PathLike) -> dict:
     rejects = read_rejects(_prep_dir(run_dir) / "scan_rejects.csv")
     for p in range(n_parts):
         rejects += read_rejects(_part_rejects_path(run_dir, p))
-    n_rej = write_rejects(_prep_dir(run_dir) / "rejects.csv", rejects)
+    n_rej = write_rejects(RunLayout(run_dir).rejects, rejects)
     index = store.write_index(spath, n_parts)
     n = int(index["ids"].shape[0])
     by_reason = Counter(_reason_kind(r.reason) for r in rejects)
@@ -293,128 +302,29 @@ def finalize(cfg: PipelineConfig, run_dir: str | os.PathLike) -> dict:
     summary = {"source": cfg.data.source, "store": str(spath), "n_parts": n_parts, "n_materials": n,
                "n_rejected": n_rej, "counts": counts, "rejects_by_reason": dict(by_reason),
                "rejects_by_source_file": dict(by_file), "graph": cfg.graph.model_dump()}
+    write_json(sumpath, summary)  # before the completion mark: a complete store always has its summary
     store.mark_complete(spath, {"n_materials": n, "counts": counts, "rejects_by_reason": dict(by_reason)})
-    _write_json(sumpath, summary)
     log.info("prepare finalized: %d materials, %d rejected -> %s", n, n_rej, spath)
     if n == 0:
-        log.warning("the dataset has no materials: every record was rejected (see %s)", _prep_dir(run_dir) / "rejects.csv")
+        log.warning("the dataset has no materials: every record was rejected (see %s)", RunLayout(run_dir).rejects)
     return summary
 
 
-def _run_part_logged(cfg: PipelineConfig, run_dir: str, part: int) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    run_part(cfg, run_dir, part)
-    return part
-
-
-def _pool_context() -> mp.context.BaseContext:
-    """forkserver (with the heavy imports preloaded once, so workers start warm), else spawn.
-    Not fork: zarr's I/O threads and torch do not survive a fork of a threaded parent."""
-    if "forkserver" in mp.get_all_start_methods():
-        ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(["toolkit.data.prepare", "toolkit.data.readers", "pymatgen.core", "zarr"])
-        return ctx
-    return mp.get_context("spawn")
-
-
-_MPI_ENV = (("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"), ("PMI_RANK", "PMI_SIZE"))
-
-
-def mpi_world() -> tuple[int, int] | None:
-    """(rank, world) when this process was started by an MPI launcher (mpiexec/mpirun: Open MPI,
-    MPICH/Intel MPI) with more than one rank; None otherwise."""
-    for rk, sz in _MPI_ENV:
-        if rk in os.environ and sz in os.environ and int(os.environ[sz]) > 1:
-            return int(os.environ[rk]), int(os.environ[sz])
-    return None
-
-
-def _run_mpi(cfg: PipelineConfig, run_dir: Path, rank: int, world: int) -> dict:
-    """MPI ranks: every rank builds parts ``u % world == rank``; rank 0 finalizes; all return the summary."""
-    try:
-        from mpi4py import MPI
-    except ImportError as e:  # pragma: no cover - mpi4py is a base requirement
-        raise ConfigError(f"started as MPI rank {rank} of {world} but mpi4py is not importable: {e}") from e
-    comm = MPI.COMM_WORLD
-    if comm.Get_size() != world:
-        raise ConfigError(f"MPI environment says {world} ranks but MPI.COMM_WORLD has {comm.Get_size()}")
-    error = None
-    if rank == 0:
-        record_run(cfg, run_dir, "prepare")
-    try:
-        mine = run_task(cfg, run_dir, rank, world)
-        log.info("MPI rank %d of %d: built/checked parts %s", rank, world, mine)
-    except Exception as e:  # every rank must reach the collective below, or the others hang
-        error = f"rank {rank}: {type(e).__name__}: {e}"
-    errors = [x for x in comm.allgather(error) if x]
-    if errors:
-        raise RuntimeError("prepare failed on MPI ranks (re-run to resume): " + "; ".join(errors))
-    summary: dict | None = None
-    if rank == 0:
-        try:
-            summary = finalize(cfg, run_dir)
-        except Exception as e:
-            summary = {"error": f"{type(e).__name__}: {e}"}
-    summary = comm.bcast(summary, root=0)
-    if "error" in summary:
-        raise RuntimeError(f"prepare finalize failed on rank 0: {summary['error']}")
-    return summary
+def after_finalize(cfg: PipelineConfig, run_dir: str | os.PathLike, summary: dict) -> None:
+    """``data.strict``: print every rejected record to stderr and fail (the CLI exits non-zero)."""
+    if cfg.data.strict and summary.get("n_rejected", 0):
+        path = RunLayout(run_dir).rejects
+        rej = read_rejects(path)
+        lines = [f"spectrolens prepare --strict: {len(rej)} rejected records (all in {path}):"]
+        lines += [f"  {r.source_file},{r.record},{r.reason}" for r in rej]
+        print("\n".join(lines), file=sys.stderr)
+        raise PrepareError(f"data.strict is set and {len(rej)} records were rejected; see {path}")
 
 
 def run(cfg: PipelineConfig, run_dir: str | os.PathLike) -> dict:
-    """plan + every incomplete part on a local pool of ``cfg.data.workers`` processes + finalize.
+    """plan + every incomplete part + finalize, in this process (library use). The command line and the
+    pipeline build parts in parallel through the launcher (:func:`toolkit.hpc.launch.run_sharded`)."""
+    from toolkit import sharded
 
-    Under an MPI launcher (``mpiexec -n R spectrolens prepare ...``) each rank builds its share of
-    the parts instead (see :func:`mpi_world`) and rank 0 finalizes."""
-    from tqdm import tqdm
-
-    run_dir = Path(run_dir)
-    mpi = mpi_world()
-    if mpi is not None:
-        summary = _run_mpi(cfg, run_dir, *mpi)
-        if mpi[0] == 0:
-            _report_strict(cfg, run_dir, summary)
-        return summary
-    record_run(cfg, run_dir, "prepare")
-    n_parts = plan(cfg, run_dir)
-    spath = store_path(run_dir)
-    sumpath = _prep_dir(run_dir) / "summary.json"
-    if store.root_attrs(spath).get("complete") is True and sumpath.is_file():
-        log.info("%s is already complete; nothing to do", spath)
-        summary = json.loads(sumpath.read_text())
-    else:
-        todo = [p for p in range(n_parts) if not store.part_complete(spath, p)]
-        log.info("prepare: %d of %d parts to build with %d workers", len(todo), n_parts, cfg.data.workers)
-        failed: dict[int, str] = {}
-        workers = min(cfg.data.workers, max(1, len(todo)))
-        with tqdm(total=len(todo), desc="prepare parts", unit="part", disable=not todo) as bar:
-            if workers <= 1:
-                for p in todo:
-                    run_part(cfg, run_dir, p)
-                    bar.update()
-            else:
-                ctx = _pool_context()
-                with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-                    futs = {pool.submit(_run_part_logged, cfg, str(run_dir), p): p for p in todo}
-                    for f in as_completed(futs):
-                        try:
-                            f.result()
-                        except Exception as e:  # keep the other parts going; report all at the end
-                            failed[futs[f]] = f"{type(e).__name__}: {e}"
-                        bar.update()
-        if failed:
-            raise RuntimeError(f"prepare: {len(failed)} parts failed (re-run to retry them): " +
-                               "; ".join(f"part {p}: {m}" for p, m in sorted(failed.items())))
-        summary = finalize(cfg, run_dir)
-    _report_strict(cfg, run_dir, summary)
-    return summary
-
-
-def _report_strict(cfg: PipelineConfig, run_dir: Path, summary: dict) -> None:
-    """--strict: print every rejected record to stderr (the CLI then exits non-zero)."""
-    if cfg.data.strict and summary.get("n_rejected", 0):
-        rej = read_rejects(_prep_dir(run_dir) / "rejects.csv")
-        print(f"spectrolens prepare --strict: {len(rej)} rejected records "
-              f"(all in {_prep_dir(run_dir) / 'rejects.csv'}):", file=sys.stderr)
-        for r in rej:
-            print(f"  {r.source_file},{r.record},{r.reason}", file=sys.stderr)
+    record_run(cfg, Path(run_dir), NAME)
+    return sharded.run_inline(sys.modules[__name__], cfg, run_dir)

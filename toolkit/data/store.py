@@ -2,10 +2,16 @@
 
 Layout and rules: docs/zarr.md (summary in docs/architecture.md). Each part is a group
 ``parts/<00000>`` written by exactly one worker (whole arrays, one chunk each), so no two writers
-ever touch the same Zarr chunk or shard; the part's ``complete`` attribute is written LAST, so a
-part left by a killed worker is recognisable and is rebuilt from scratch. The root attribute
-``complete`` is set by ``prepare.finalize`` after the index is written; :class:`DatasetReader`
-refuses a store without it.
+ever touch the same Zarr chunk or shard; the part's completion record (``complete: true`` with the
+list of its arrays) is written LAST, so a part left by a killed worker, or one whose arrays were
+deleted later, is recognisable (:func:`part_complete`) and is rebuilt from scratch.
+
+The skeleton's root ``zarr.json`` (every attribute, ``format`` and ``complete: false`` at once) is its
+last write, so a killed :func:`create_store` leaves an unfinished skeleton that
+:func:`skeleton_complete` recognises. The root attribute ``complete: true`` is set by
+:func:`mark_complete` as the very last write, after the index and the consolidated metadata;
+:class:`DatasetReader` refuses a store without it. Out-of-space errors name the path
+(:class:`toolkit.errors.OutOfSpaceError`).
 
 This module must stay importable without pymatgen or jarvis-tools (GPU nodes read stores with
 numpy, zarr and torch only).
@@ -14,6 +20,7 @@ numpy, zarr and torch only).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import platform
 import shutil
@@ -27,13 +34,16 @@ from typing import Any
 import numpy as np
 import zarr
 
+from toolkit.errors import SpectrolensError
+from toolkit.runtime import disk_errors
+
 FORMAT = "spectrolens-dataset"
 VERSION = 1
 DESCRIPTORS = ("onset", "edge_integral", "direct_gap", "indirect_gap")  # (n,) float32 each; plus peaks (n, 3)
 N_PEAKS = 3
 
 
-class StoreError(RuntimeError):
+class StoreError(SpectrolensError, RuntimeError):
     """A dataset store that cannot be used as asked (the message names the store and the fix)."""
 
 
@@ -122,6 +132,10 @@ def part_arrays(records: list[MaterialRecord], grid_num: int) -> dict[str, np.nd
     return out
 
 
+#: arrays every part has (a completion record without an ``arrays`` list is checked for these)
+CORE_ARRAYS = tuple(part_arrays([], 1))
+
+
 def checksum(arrays: dict[str, np.ndarray]) -> str:
     """blake2b (hex, 16 bytes) over the names, shapes and bytes of a part's arrays."""
     h = hashlib.blake2b(digest_size=16)
@@ -137,20 +151,62 @@ def checksum(arrays: dict[str, np.ndarray]) -> str:
 
 
 def create_store(path: str | os.PathLike, attrs: dict) -> None:
-    """Create the root group (attrs + ``complete: false``) and the ``parts`` group, once, before workers start."""
-    root = zarr.open_group(str(path), mode="w", zarr_format=3)
-    root.attrs.update({"format": FORMAT, "version": VERSION, **attrs, "complete": False})
-    root.create_group("parts")
+    """Create the store skeleton, once, before workers start: the ``parts`` group, then the root group
+    with all its attributes (``format``, ``version``, ``attrs``, ``complete: false``) in ONE atomic write,
+    the skeleton's last. A kill at any point leaves no root ``zarr.json`` (:func:`skeleton_complete`
+    is False) and never a root with only some attributes.
+
+    Replaces whatever dataset store is at ``path``: call it when :func:`skeleton_complete` is False
+    (nothing there, or an unfinished skeleton); raises :class:`StoreError` if ``path`` holds something
+    that is not a dataset store. The caller serialises it (prepare's plan lock)."""
+    p = Path(path)
+    _skeleton_state(p)  # refuses a foreign store before anything is deleted
+    with disk_errors(p):
+        # the root zarr.json goes first, so a kill while removing never leaves a root over missing pieces
+        (p / "zarr.json").unlink(missing_ok=True)
+        shutil.rmtree(p, ignore_errors=True)
+        zarr.create_group(str(p / "parts"), zarr_format=3)
+        zarr.create_group(str(p), zarr_format=3,
+                          attributes={"format": FORMAT, "version": VERSION, **attrs, "complete": False})
+
+
+def _skeleton_state(p: Path) -> tuple[dict | None, bool]:
+    """(root attributes or None when there is no root zarr.json, whether the skeleton is finished)."""
+    f = p / "zarr.json"
+    if not f.is_file():
+        return None, False
+    try:
+        attrs = json.loads(f.read_text()).get("attributes") or {}
+    except (ValueError, AttributeError) as e:
+        raise StoreError(f"{f} is not a readable Zarr v3 group ({e}); delete {p} and re-run `spectrolens prepare`") \
+            from None
+    if not attrs:  # the group was created, its attributes never written
+        return attrs, False
+    if attrs.get("format") != FORMAT:
+        raise StoreError(f"{p} is not a spectrolens dataset store (format={attrs.get('format')!r})")
+    # "complete" is written together with every other attribute (and was the last key of zarr versions
+    # that wrote attributes one key at a time); the parts group is written before the root
+    return attrs, "complete" in attrs and (p / "parts" / "zarr.json").is_file()
+
+
+def skeleton_complete(path: str | os.PathLike) -> bool:
+    """True when ``path`` holds a finished store skeleton (root attributes and ``parts`` group; parts and
+    completion may still be missing). False when there is nothing at ``path`` or only an unfinished
+    skeleton (a :func:`create_store` was killed): redo it with :func:`create_store`, nothing is lost.
+    Raises :class:`StoreError` when ``path`` holds something else (never overwrite that)."""
+    return _skeleton_state(Path(path))[1]
 
 
 def root_attrs(path: str | os.PathLike) -> dict:
-    """Root attributes of a store, complete or not (raises StoreError if it is not a dataset store)."""
+    """Root attributes of a store, complete or not. Raises :class:`StoreError` if it is not a dataset store
+    (nothing there, another format), :class:`IncompleteStoreError` if its skeleton was left unfinished."""
     p = Path(path)
-    if not (p / "zarr.json").is_file():
+    attrs, finished = _skeleton_state(p)
+    if attrs is None:
         raise StoreError(f"{p} is not a Zarr v3 store (no zarr.json); run `spectrolens prepare` to create it")
-    attrs = dict(zarr.open_group(str(p), mode="r", use_consolidated=False).attrs)
-    if attrs.get("format") != FORMAT:
-        raise StoreError(f"{p} is not a spectrolens dataset store (format={attrs.get('format')!r})")
+    if not finished:
+        raise IncompleteStoreError(f"{p} is an unfinished store skeleton (a prepare was killed while creating it; it holds "
+                         f"no finished work): re-run `spectrolens prepare`, or delete {p} and re-run it")
     return attrs
 
 
@@ -162,10 +218,34 @@ def part_attrs(path: str | os.PathLike, part: int) -> dict | None:
     return dict(zarr.open_group(str(gpath), mode="r", use_consolidated=False).attrs)
 
 
-def part_complete(path: str | os.PathLike, part: int) -> bool:
-    """True when part ``part`` was written completely (its completion record is present)."""
+def part_problem(path: str | os.PathLike, part: int) -> str | None:
+    """Why part ``part`` cannot be used (a phrase, e.g. ``"is marked complete but its arrays are missing:
+    ids"``), or None when it is complete: its completion record is there and so is every array the
+    record lists. A cheap check: the arrays' ``zarr.json`` files, no chunk data is read."""
     a = part_attrs(path, part)
-    return bool(a and a.get("complete") is True)
+    if a is None:
+        return "does not exist"
+    if a.get("complete") is not True:
+        return "was not finished (no completion record: its writer was interrupted)"
+    gpath = Path(path) / "parts" / part_name(part)
+    missing = [n for n in a.get("arrays", CORE_ARRAYS) if not (gpath / n / "zarr.json").is_file()]
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        return f"is marked complete but its arrays are missing: {', '.join(missing[:5])}{more}"
+    return None
+
+
+def part_complete(path: str | os.PathLike, part: int) -> bool:
+    """True when part ``part`` was written completely: its completion record is present and so are the
+    arrays it lists (see :func:`part_problem`); a part that is not is rebuilt by :func:`write_part`."""
+    return part_problem(path, part) is None
+
+
+def _refuse_part(path: str | os.PathLike, part: int) -> None:
+    problem = part_problem(path, part)
+    if problem is not None:
+        raise StoreError(f"{path}: part {part_name(part)} {problem}; re-run `spectrolens prepare` with the same "
+                         f"config and run directory to rebuild it")
 
 
 def remove_part(path: str | os.PathLike, part: int) -> None:
@@ -174,30 +254,47 @@ def remove_part(path: str | os.PathLike, part: int) -> None:
 
 
 def write_part(path: str | os.PathLike, part: int, records: list[MaterialRecord], grid_num: int) -> dict:
-    """Write part ``part`` from scratch: every array whole, then ``complete: true`` LAST. Returns its attrs."""
+    """Write part ``part`` from scratch: every array whole, then the completion record (``complete: true``
+    and the names of its arrays) LAST, in one write. Returns its attrs. A failed write removes the part."""
     remove_part(path, part)
     arrays = part_arrays(records, grid_num)
-    grp = zarr.open_group(str(Path(path) / "parts" / part_name(part)), mode="w", zarr_format=3)
-    grp.attrs.update({"complete": False})
-    for name, a in arrays.items():
-        parent = grp
-        *groups, leaf = name.split("/")
-        for g in groups:
-            parent = parent.require_group(g)
-        chunks = tuple(max(1, s) for s in a.shape)
-        parent.create_array(leaf, data=a, chunks=chunks)
-    attrs = {"n_materials": len(records), "n_atoms": int(arrays["natoms"].sum()),
-             "n_edges": int(arrays["nedges"].sum()), "checksum": checksum(arrays),
-             "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "host": platform.node(),
-             "pid": os.getpid()}
-    grp.attrs.update(attrs)
-    grp.attrs.update({"complete": True})  # the completion record, last
+    gpath = Path(path) / "parts" / part_name(part)
+    try:
+        with disk_errors(gpath):
+            grp = zarr.create_group(str(gpath), zarr_format=3, attributes={"complete": False})
+            for name, a in arrays.items():
+                parent = grp
+                *groups, leaf = name.split("/")
+                for g in groups:
+                    parent = parent.require_group(g)
+                chunks = tuple(max(1, s) for s in a.shape)
+                parent.create_array(leaf, data=a, chunks=chunks)
+            attrs = {"n_materials": len(records), "n_atoms": int(arrays["natoms"].sum()),
+                     "n_edges": int(arrays["nedges"].sum()), "checksum": checksum(arrays),
+                     "arrays": sorted(arrays), "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                     "host": platform.node(), "pid": os.getpid()}
+            grp.attrs.update({**attrs, "complete": True})  # the completion record, last
+    except BaseException:
+        remove_part(path, part)  # an unfinished part is rebuilt from scratch anyway: free its space now
+        raise
     return {**attrs, "complete": True}
 
 
 def write_index(path: str | os.PathLike, n_parts: int) -> dict[str, np.ndarray]:
-    """Build ``index/`` (part_of, local, ids, natoms, nedges, has_spectrum) from the complete parts."""
+    """Build ``index/`` (part_of, local, ids, natoms, nedges, has_spectrum) from the complete parts.
+
+    Raises :class:`StoreError` naming a part that is not complete (:func:`part_problem`). A store marked
+    complete is unmarked first (:func:`mark_complete` marks it again)."""
+    with disk_errors(path):
+        return _write_index(path, n_parts)
+
+
+def _write_index(path: str | os.PathLike, n_parts: int) -> dict[str, np.ndarray]:
+    for p in range(n_parts):
+        _refuse_part(path, p)
     root = zarr.open_group(str(path), mode="r+", use_consolidated=False)
+    if root.attrs.get("complete") is True:  # the index is about to change: not complete until marked again
+        root.attrs.update({"complete": False})
     cols: dict[str, list[np.ndarray]] = {k: [] for k in ("part_of", "local", "ids", "natoms", "nedges", "has_spectrum")}
     for p in range(n_parts):
         g = root["parts"][part_name(p)]
@@ -221,12 +318,17 @@ def write_index(path: str | os.PathLike, n_parts: int) -> dict[str, np.ndarray]:
 
 
 def mark_complete(path: str | os.PathLike, attrs: dict) -> None:
-    """Set the final root attrs with ``complete: true`` and consolidate metadata (once, at the end)."""
-    root = zarr.open_group(str(path), mode="r+", use_consolidated=False)
-    root.attrs.update({**attrs, "complete": True})
-    with warnings.catch_warnings():  # "consolidated metadata is not part of the v3 spec": zarr-python reads it
-        warnings.simplefilter("ignore", UserWarning)
-        zarr.consolidate_metadata(str(path))
+    """Set the final root attrs, consolidate metadata, then set ``complete: true`` as the very last write
+    (once, at the end): an interrupted or failed call leaves the store incomplete, never half-finished
+    and marked complete."""
+    with disk_errors(path):
+        root = zarr.open_group(str(path), mode="r+", use_consolidated=False)
+        root.attrs.update({**attrs, "complete": False})
+        with warnings.catch_warnings():  # "consolidated metadata is not part of the v3 spec": zarr-python reads it
+            warnings.simplefilter("ignore", UserWarning)
+            root = zarr.consolidate_metadata(str(path))
+        # this group carries the consolidated metadata, so rewriting its zarr.json keeps it
+        root.attrs.update({"complete": True})
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -294,6 +396,7 @@ class DatasetReader:
         self.n_parts = int(attrs["n_parts"])
         self.cache_parts = max(1, int(cache_parts))
         self._cache: OrderedDict[int, PartArrays] = OrderedDict()
+        self._checked: set[int] = set()
 
     def __len__(self) -> int:
         return int(self.part_of.shape[0])
@@ -312,11 +415,19 @@ class DatasetReader:
         if part in self._cache:
             self._cache.move_to_end(part)
             return self._cache[part]
+        self._check_part(part)
         pa = PartArrays(_read_group(self._root["parts"][part_name(part)]))
         self._cache[part] = pa
         while len(self._cache) > self.cache_parts:
             self._cache.popitem(last=False)
         return pa
+
+    def _check_part(self, part: int) -> None:
+        """Refuse a part whose arrays are missing (the consolidated metadata would still list them and
+        reading would give fill values): checked once per part and reader."""
+        if part not in self._checked:
+            _refuse_part(self.path, part)
+            self._checked.add(part)
 
     def material(self, index: int) -> dict[str, Any]:
         """Arrays of material ``index`` (row of the index), plus its ``index``."""
@@ -331,6 +442,7 @@ class DatasetReader:
         out: np.ndarray | None = None
         for p in np.unique(self.part_of[idx]):
             sel = np.nonzero(self.part_of[idx] == p)[0]
+            self._check_part(int(p))
             g = self._root["parts"][part_name(int(p))]
             try:
                 arr = g[name]

@@ -23,14 +23,15 @@ from toolkit.config import EmbedConfig, ModelConfig, PipelineConfig
 from toolkit.data.batch import GraphBatch
 from toolkit.embed.hooks import READOUT, capture, resolve_layers
 from toolkit.embed.store import ShardResult
+from toolkit.errors import SpectrolensError
 from toolkit.model import CheckpointError, build_model, load_state_dict_file
 
-# = toolkit.train.checkpoint.MODEL_FORMAT (best.pt); not imported from there because importing
-# toolkit.train pulls in sklearn and submitit, seconds per worker process start (a test checks equality)
-MODEL_FORMAT = "spectrolens-model"
+from toolkit.model import MODEL_FORMAT
+from toolkit.runtime import select_device
+from toolkit.runtime import use_bf16 as _use_bf16
 
 
-class EmbedError(RuntimeError):
+class EmbedError(SpectrolensError, RuntimeError):
     """Extraction cannot proceed; the message names the file and the reason."""
 
 
@@ -64,15 +65,13 @@ def file_sha256(path: Path) -> str:
 
 
 def resolve_device(ecfg: EmbedConfig) -> torch.device:
-    if ecfg.device == "cuda" and not torch.cuda.is_available():
-        raise EmbedError("embed.device is 'cuda' but torch sees no GPU (use 'auto' or 'cpu')")
-    if ecfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(ecfg.device)
+    """``embed.device`` through the one device rule (:func:`toolkit.runtime.select_device`)."""
+    return select_device(ecfg.device, setting="embed.device")
 
 
 def use_bf16(ecfg: EmbedConfig, device: torch.device) -> bool:
-    return ecfg.precision == "bf16" or (ecfg.precision == "auto" and device.type == "cuda")
+    """``embed.precision`` through the one precision rule (:func:`toolkit.runtime.use_bf16`)."""
+    return _use_bf16(ecfg.precision, device.type)
 
 
 _CACHE: dict[tuple, LoadedModel] = {}

@@ -10,12 +10,15 @@ Layout (see docs/zarr.md, "## embeddings.zarr")::
       layers/<layer>/atoms (A, H), layers/<layer>/atom_offset (N+1,) int64      (per_atom option)
       _progress/shard-00000        one completion record per finished shard (a Zarr group; record = its attrs)
       _staging/<layer>/shard-00000 per-atom rows of a finished shard until finalize compacts them
+                                   (the record lists them: a record whose staged rows are gone is not done)
 
 Concurrency rules (zarr-python #3682: a partial shard write rewrites the whole shard): the driver creates
 every array and all metadata once (:func:`create_store`, atomically, by renaming a finished skeleton
 into place); material shard ``s`` covers rows ``[s*S, min((s+1)*S, N))`` and is exactly one Zarr shard
 of every per-material array, so a worker that owns ``s`` never touches another worker's bytes. A
-completion record is written after the data; only :func:`finalize_store` touches root metadata again.
+completion record is written after the data; only :func:`finalize_store` touches root metadata again,
+and its ``complete: true`` is the very last write (after compaction and consolidated metadata).
+Out-of-space errors name the path (:class:`toolkit.errors.OutOfSpaceError`) and leave no temporary files.
 """
 
 from __future__ import annotations
@@ -28,12 +31,16 @@ import socket
 import time
 import uuid
 import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import zarr
+
+from toolkit.errors import SpectrolensError
+from toolkit.runtime import disk_errors, write_json
 
 FORMAT = "spectrolens-embeddings"
 VERSION = 1
@@ -41,9 +48,10 @@ STORE_NAME = "embeddings.zarr"
 PROGRESS = "_progress"
 STAGING = "_staging"
 MAX_INNER_CHUNK = 256  # rows per inner chunk of the sharding codec (readers may fetch one inner chunk)
+COMPACTED = "atoms_compacted"  # root attribute: finalize copied every staged per-atom row into place
 
 
-class EmbedStoreError(RuntimeError):
+class EmbedStoreError(SpectrolensError, RuntimeError):
     """An embeddings store that cannot be used as asked; the message names the store and the reason."""
 
 
@@ -134,20 +142,30 @@ def create_store(path: Path, layout: Layout, ids: np.ndarray, index: np.ndarray,
     The skeleton (all arrays, ids, index, atom offsets, root attrs) is written into a temporary sibling
     folder and renamed into place, so concurrent planners (array tasks) race safely: exactly one
     rename wins and the others check that the existing store is compatible (:func:`check_compatible`).
+    The root attributes are written in one step. An unfinished skeleton found at ``path``
+    (:func:`skeleton_complete` False: not made by this function, e.g. by a version that wrote it in
+    place) is replaced; the caller serialises planning when that can happen (``toolkit.sharded.plan_once``).
     ``attrs`` must contain ``checkpoint_sha256``."""
     path = Path(path)
+    with disk_errors(path):
+        return _create_store(path, layout, ids, index, attrs, natoms, energy)
+
+
+def _create_store(path: Path, layout: Layout, ids: np.ndarray, index: np.ndarray, attrs: dict[str, Any],
+                  natoms: np.ndarray | None, energy: np.ndarray | None) -> bool:
     if path.exists():
-        check_compatible(path, layout, attrs["checkpoint_sha256"])
-        return False
+        if skeleton_complete(path):
+            check_compatible(path, layout, attrs["checkpoint_sha256"])
+            return False
+        _discard(path)
     if len(ids) != layout.n_materials or len(index) != layout.n_materials:
         raise EmbedStoreError(f"{path}: {len(ids)} ids / {len(index)} index rows for {layout.n_materials} materials")
-    if layout.per_atom:
-        if natoms is None or len(natoms) != layout.n_materials:
-            raise EmbedStoreError(f"{path}: per_atom needs natoms for each of the {layout.n_materials} materials")
+    if layout.per_atom and (natoms is None or len(natoms) != layout.n_materials):
+        raise EmbedStoreError(f"{path}: per_atom needs natoms for each of the {layout.n_materials} materials")
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        root = zarr.open_group(tmp, mode="w", zarr_format=3)
-        root.attrs.update({"format": FORMAT, "version": VERSION, **attrs, **_layout_attrs(layout), "complete": False})
+        root = zarr.create_group(tmp, zarr_format=3, attributes={"format": FORMAT, "version": VERSION, **attrs,
+                                                                  **_layout_attrs(layout), "complete": False})
         n, s = layout.n_materials, layout.shard_size
         _row_array(root, "ids", n, None, str, s, ("material",), "")
         root["ids"][:] = np.asarray(ids).astype(np.dtypes.StringDType())
@@ -182,6 +200,37 @@ def create_store(path: Path, layout: Layout, ids: np.ndarray, index: np.ndarray,
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def skeleton_complete(path: Path) -> bool:
+    """True when ``path`` holds a finished store skeleton (its root has the ``format`` and ``complete``
+    attributes, written in one step before the skeleton is renamed into place); shards may still be
+    missing. False when nothing is at ``path`` or an unfinished skeleton is (no root ``zarr.json``, or
+    one without those attributes): :func:`create_store` replaces it. Raises :class:`EmbedStoreError`
+    when ``path`` holds a store of another format."""
+    f = Path(path) / "zarr.json"
+    if not f.is_file():
+        return False
+    try:
+        attrs = json.loads(f.read_text()).get("attributes") or {}
+    except (ValueError, AttributeError) as e:
+        raise EmbedStoreError(f"{f} is not a readable Zarr v3 group ({e}); delete {path} and re-run "
+                              f"`spectrolens embed`") from None
+    if not attrs:  # a group whose attributes were never written
+        return False
+    if attrs.get("format") != FORMAT:
+        raise EmbedStoreError(f"{path}: not an embeddings store (format={attrs.get('format')!r})")
+    return "complete" in attrs
+
+
+def _discard(path: Path) -> None:
+    """Move an unfinished skeleton aside (one rename, so no reader sees half of it), then delete it."""
+    aside = path.with_name(f".{path.name}.unfinished-{uuid.uuid4().hex[:8]}")
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:  # another planner moved it already
+        return
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _layout_attrs(layout: Layout) -> dict[str, Any]:
@@ -233,26 +282,33 @@ def _record_path(path: Path, shard: int) -> Path:
     return Path(path) / PROGRESS / f"shard-{shard:05d}" / "zarr.json"
 
 
-def _atomic_write_bytes(dest: Path, data: bytes) -> None:
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, dest)
-
-
 def is_done(path: Path, shard: int) -> bool:
-    return _record_path(path, shard).is_file()
+    """The shard's completion record is there and so is the data it keeps apart from the shared arrays:
+    the per-atom staging arrays the record lists, until :func:`finalize_store` has compacted them
+    (a cheap check: their ``zarr.json`` files). A shard that is not done is redone by :func:`write_shard`."""
+    rec = _record_path(path, shard)
+    if not rec.is_file():
+        return False
+    try:
+        staged = json.loads(rec.read_text())["attributes"].get("staging", [])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False  # records are written atomically: an unreadable one is not ours to trust
+    if all((Path(path) / key / "zarr.json").is_file() for key in staged):
+        return True
+    attrs = dict(open_root(path).attrs)
+    return bool(attrs.get(COMPACTED) or attrs.get("complete"))
 
 
 def done_shards(path: Path) -> set[int]:
+    """Shards that are done (:func:`is_done`)."""
     out = set()
     for p in (Path(path) / PROGRESS).glob("shard-*/zarr.json"):
         try:
-            out.add(int(p.parent.name.split("-", 1)[1]))
+            shard = int(p.parent.name.split("-", 1)[1])
         except ValueError:
             continue
+        if is_done(path, shard):
+            out.add(shard)
     return out
 
 
@@ -268,6 +324,12 @@ def write_shard(path: Path, shard: int, result: ShardResult, checkpoint_sha256: 
     """Write one whole shard of every per-material array, then its completion record.
 
     Redoing a shard (after a crash left partial bytes and no record) overwrites the whole shard."""
+    with disk_errors(path):
+        _write_shard(Path(path), shard, result, checkpoint_sha256, extra)
+
+
+def _write_shard(path: Path, shard: int, result: ShardResult, checkpoint_sha256: str,
+                 extra: dict[str, Any] | None) -> None:
     root = open_root(path, mode="r+")
     layout = layout_from_attrs(dict(root.attrs))
     if root.attrs["checkpoint_sha256"] != checkpoint_sha256:
@@ -294,11 +356,9 @@ def write_shard(path: Path, shard: int, result: ShardResult, checkpoint_sha256: 
         root[key][rows] = result.pooled[key].astype(layout.dtype, copy=False)
     root["prediction"][rows] = result.prediction.astype(np.float32, copy=False)
     record = {"shard": shard, "rows": [rows.start, rows.stop], "checkpoint_sha256": checkpoint_sha256,
+              "staging": [_staging_key(layer, shard) for layer in layout.atom_layers],
               "host": socket.gethostname(), "pid": os.getpid(), "finished": time.time(), **(extra or {})}
-    dest = _record_path(path, shard)
-    dest.parent.mkdir(exist_ok=True)
-    node = {"zarr_format": 3, "node_type": "group", "attributes": record}
-    _atomic_write_bytes(dest, json.dumps(node).encode())
+    write_json(_record_path(path, shard), {"zarr_format": 3, "node_type": "group", "attributes": record})
 
 
 def _staging_key(layer: str, shard: int) -> str:
@@ -314,10 +374,17 @@ def _check_shape(path: Path, what: str, arr: np.ndarray, want: tuple[int, ...]) 
 
 
 def finalize_store(path: Path) -> dict[str, Any]:
-    """Check that every shard is complete, compact per-atom staging, mark complete, consolidate metadata.
+    """Check that every shard is done, compact per-atom staging, consolidate metadata, then mark the
+    store complete: ``complete: true`` is the very last write, so an interrupted or failed call leaves
+    an incomplete store that the next call finishes (compaction is not repeated once recorded).
 
     Raises :class:`EmbedStoreError` naming the missing shards; idempotent on a complete store."""
     path = Path(path)
+    with disk_errors(path):
+        return _finalize_store(path)
+
+
+def _finalize_store(path: Path) -> dict[str, Any]:
     root = open_root(path, mode="r+")
     layout = layout_from_attrs(dict(root.attrs))
     if root.attrs.get("complete"):
@@ -326,7 +393,7 @@ def finalize_store(path: Path) -> dict[str, Any]:
     if missing:
         raise EmbedStoreError(f"{path}: {len(missing)} of {layout.n_shards} shards not finished: "
                               f"{_ranges(missing)}; re-run `spectrolens embed` to do only those")
-    if layout.atom_layers:
+    if layout.atom_layers and not root.attrs.get(COMPACTED):
         for layer in layout.atom_layers:
             offset = root[f"layers/{layer}/atom_offset"][:]
             atoms = root[f"layers/{layer}/atoms"]
@@ -335,11 +402,13 @@ def finalize_store(path: Path) -> dict[str, Any]:
                 a0, a1 = int(offset[rows.start]), int(offset[rows.stop])
                 if a1 > a0:
                     atoms[a0:a1] = root[_staging_key(layer, s)][:]
-        shutil.rmtree(path / STAGING, ignore_errors=True)
-    root.attrs["complete"] = True
+        root.attrs.update({COMPACTED: True})  # the staged rows are no longer needed
+    shutil.rmtree(path / STAGING, ignore_errors=True)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
-        zarr.consolidate_metadata(path, zarr_format=3)
+        root = zarr.consolidate_metadata(path, zarr_format=3)
+    # this group carries the consolidated metadata, so rewriting its zarr.json keeps it
+    root.attrs.update({"complete": True})
     return {"n_materials": layout.n_materials, "n_shards": layout.n_shards, "already_complete": False}
 
 

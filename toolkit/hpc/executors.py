@@ -6,8 +6,10 @@ Local: each stage is one subprocess ``python -m toolkit.cli <stage> --config RUN
 --standalone --nproc_per_node=N -m toolkit.cli train ...``), its output in
 ``RUN_DIR/logs/<stage>/<stage>.log``; stages run one after another and a failure stops the chain.
 
-SLURM: prepare and embed are job arrays of ``executor.<stage>.array_tasks`` tasks (task t of T
-builds units u % T == t, :func:`toolkit.hpc.stages.array_task`) followed by one small finalize job;
+SLURM: prepare and embed (every sharded stage, :mod:`toolkit.sharded`) are job arrays of
+``executor.<stage>.array_tasks`` tasks (task t of T builds the units u % T == t that are not done,
+one writer per unit: :func:`toolkit.hpc.stages.array_task`, the same function local workers and MPI
+ranks run) followed by one small finalize job;
 train is one job of nodes x tasks_per_node ranks launched by srun (submitit), analyze one job.
 Each job depends ``afterok`` on the previous stage's last job and is submitted with
 ``--kill-on-invalid-dep=yes``, so a failure cancels its dependants instead of leaving them pending.
@@ -28,11 +30,9 @@ from typing import Any
 
 from toolkit.config import PipelineConfig, StageResources
 from toolkit.hpc import container, records, stages
+from toolkit.runtime import MALLOC_ENV, tail
 
 log = logging.getLogger(__name__)
-
-#: environment for CPU-side stability/speed (docs: platform-facts "CPU timing"); user settings win
-MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
 
 
 def world_size(res: StageResources) -> int:
@@ -86,7 +86,7 @@ class LocalExecutor:
         state = "completed" if rc == 0 else "failed"
         records.update_stage(self.run_dir, stage, state=state, returncode=rc, ended=records.now())
         if rc != 0:
-            log.error("%s failed with exit code %d; log: %s\n%s", stage, rc, log_path, _tail(log_path))
+            log.error("%s failed with exit code %d; log: %s\n%s", stage, rc, log_path, tail(log_path))
         return rc
 
 
@@ -99,13 +99,6 @@ def _terminate_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-
-
-def _tail(path: Path, n: int = 20) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
-    except OSError:
-        return "(no log)"
 
 
 # ----------------------------------------------------------------------------------------- SLURM
@@ -172,14 +165,7 @@ class SlurmExecutor:
         cfg, run_dir = self.cfg, self.run_dir
         jobs: list[dict[str, Any]] = []
         if stage in stages.SHARDED:
-            n = res.array_tasks
-            ex = self._executor(stage, res, after, "array")
-            arr = ex.map_array(stages.array_task, [stage] * n, [cfg] * n, [run_dir] * n, range(n), [n] * n)
-            array_id = arr[0].job_id.split("_")[0]
-            jobs.append({"role": "array", "job_id": array_id, "tasks": [_task_record(j, t) for t, j in enumerate(arr)]})
-            fin = self._executor(stage, res, [array_id], "finalize").submit(stages.finalize, stage, cfg, run_dir)
-            jobs.append({"role": "finalize", "job_id": fin.job_id, "tasks": [_task_record(fin, 0)]})
-            last = [fin.job_id]
+            jobs, last = self.submit_sharded(stage, res, after)
         elif stage == "train":
             job = self._executor(stage, res, after, "ranks").submit(stages.train_job(cfg, run_dir))
             ntasks = world_size(res)
@@ -198,6 +184,20 @@ class SlurmExecutor:
         log.info("%s: submitted %s (after %s)", stage, ", ".join(f"{j['role']} {j['job_id']}" for j in jobs),
                  ",".join(after) or "nothing")
         return rec, last
+
+
+    def submit_sharded(self, stage: str, res: StageResources, after: list[str]) -> tuple[list[dict[str, Any]], list[str]]:
+        """A sharded stage (by name or module path): an array of ``res.array_tasks`` tasks
+        :func:`~toolkit.hpc.stages.array_task`, then one :func:`~toolkit.hpc.stages.finalize` job."""
+        cfg, run_dir, n = self.cfg, self.run_dir, res.array_tasks
+        name = stage.rsplit(".", 1)[-1]
+        ex = self._executor(name, res, after, "array")
+        arr = ex.map_array(stages.array_task, [stage] * n, [cfg] * n, [run_dir] * n, range(n), [n] * n)
+        array_id = arr[0].job_id.split("_")[0]
+        jobs = [{"role": "array", "job_id": array_id, "tasks": [_task_record(j, t) for t, j in enumerate(arr)]}]
+        fin = self._executor(name, res, [array_id], "finalize").submit(stages.finalize, stage, cfg, run_dir)
+        jobs.append({"role": "finalize", "job_id": fin.job_id, "tasks": [_task_record(fin, 0)]})
+        return jobs, [fin.job_id]
 
 
 def _task_record(job, task: int) -> dict[str, Any]:

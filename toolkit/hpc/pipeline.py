@@ -20,6 +20,7 @@ from toolkit.config import ConfigError, PipelineConfig, load_config, record_run
 from toolkit.hpc import records, status
 from toolkit.hpc import stages as st
 from toolkit.hpc.executors import LocalExecutor, SlurmExecutor, job_ids
+from toolkit.runtime import exclusive_or_busy
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,13 @@ def run_pipeline(cfg: PipelineConfig, run_dir: Path | str | None = None, executo
     wanted = st.check_stages(list(stages) if stages else list(st.STAGES))
     cfg = cfg.model_copy(deep=True, update={"run_dir": rd})
     cfg.executor.kind = kind
+    rd.mkdir(parents=True, exist_ok=True)
+    # one runner per run directory: a second `spectrolens run` exits with "run directory busy (pid, host)"
+    with exclusive_or_busy(rd, "runner", "another `spectrolens run`"):
+        return _run_or_submit(cfg, rd, kind, wanted, wait)
+
+
+def _run_or_submit(cfg: PipelineConfig, rd: Path, kind: str, wanted: list[str], wait: bool) -> int:
     _refuse_if_active(rd)
     record_run(cfg, rd)
     todo = []

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from toolkit.errors import SpectrolensError
 from toolkit.hpc import records, stages
 
 TERMINAL = frozenset({"completed", "failed", "cancelled", "skipped"})
@@ -33,7 +34,7 @@ _SLURM_STATE = {
 }
 
 
-class StatusError(RuntimeError):
+class StatusError(SpectrolensError, RuntimeError):
     """SLURM accounting could not be queried (the message says which command failed and why)."""
 
 

@@ -18,7 +18,10 @@ from toolkit.model.checkpoint import (
     upstream_graph_config,
 )
 
-__all__ = ["ALIGNN", "CheckpointError", "build_model", "capture_modules", "layer_names",
+#: ``format`` of the model file ``train/best.pt`` (written by toolkit.train, read by embed and analyze)
+MODEL_FORMAT = "spectrolens-model"
+
+__all__ = ["ALIGNN", "CheckpointError", "MODEL_FORMAT", "build_model", "capture_modules", "layer_names",
            "load_state_dict_file", "load_upstream_checkpoint", "save_state_dict_file", "upstream_graph_config"]
 
 
@@ -31,7 +34,7 @@ def model_kwargs(cfg: ModelConfig, output_features: int | None = None) -> dict:
     return dict(alignn_layers=cfg.alignn_layers, gcn_layers=cfg.gcn_layers,
                 atom_input_features=cfg.atom_input_features, edge_input_features=cfg.edge_input_features,
                 triplet_input_features=cfg.triplet_input_features, embedding_features=cfg.embedding_features,
-                hidden_features=cfg.hidden_features, output_features=int(out), cutoff=cfg.cutoff,
+                hidden_features=cfg.hidden_features, output_features=int(out), cutoff=cfg.rbf_cutoff,
                 link=cfg.link)
 
 

@@ -22,9 +22,11 @@ import torch
 from torch import nn
 
 from toolkit.config import GraphConfig, ModelConfig
+from toolkit.errors import SpectrolensError
+from toolkit.runtime import disk_errors
 
 
-class CheckpointError(ValueError):
+class CheckpointError(SpectrolensError, ValueError):
     """A checkpoint that cannot be loaded (safely or correctly); the message names file and reason."""
 
 
@@ -32,19 +34,38 @@ def save_state_dict_file(obj: Mapping[str, Any], path: str | Path) -> None:
     """Atomically write ``obj`` (tensors, numbers, strings, lists, dicts only) with ``torch.save``.
 
     Written to a temporary file in the same folder, fsynced, then renamed, so a job killed while
-    saving leaves the previous file intact."""
+    saving leaves the previous file intact; a full disk raises :class:`~toolkit.errors.OutOfSpaceError`
+    naming ``path`` and leaves no temporary file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(dict(obj), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with disk_errors(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(dict(obj), f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+
+
+#: torch.save's legacy (pre-zip) format starts with this number, pickled (protocol 2: LONG1, 10 bytes)
+_LEGACY_MAGIC = b"\x8a\x0a" + torch.serialization.MAGIC_NUMBER.to_bytes(10, "little")
+
+
+def _not_a_torch_file(path: Path) -> str | None:
+    """Why ``path`` is not a file written by ``torch.save`` (judged by its first bytes), or None."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if not head:
+        return "the file is empty"
+    if head.startswith(b"PK\x03\x04"):  # a zip archive: torch.save's format since PyTorch 1.6
+        return None
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05") and _LEGACY_MAGIC in head:
+        return None  # the legacy torch pickle format
+    return f"neither a zip archive written by torch.save nor a legacy torch pickle (it starts with {head[:8]!r})"
 
 
 def load_state_dict_file(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -54,6 +75,13 @@ def load_state_dict_file(path: str | Path, map_location: str | torch.device = "c
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
+        why = _not_a_torch_file(path)
+    except OSError as e:
+        raise CheckpointError(f"checkpoint {path} cannot be read: {e}") from None
+    if why is not None:
+        raise CheckpointError(f"checkpoint {path} is not a PyTorch checkpoint: {why}; give the .pt file written by "
+                              f"torch.save (e.g. the run's train/best.pt)")
+    try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
@@ -61,7 +89,7 @@ def load_state_dict_file(path: str | Path, map_location: str | torch.device = "c
             f"containers, and loading it would run arbitrary code (torch.load weights_only=True "
             f"failed: {str(e).splitlines()[0]}). Re-save it as a plain state_dict "
             f"(torch.save(model.state_dict(), ...)) where it was trained.") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError) as e:
         raise CheckpointError(f"checkpoint {path} is not a readable torch checkpoint: {e}") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, expected a dict (state_dict)")

@@ -5,9 +5,10 @@ or a single process; see :mod:`toolkit.train.distributed`). Outputs in ``RUN_DIR
 checkpoints/last.pt, best.pt, metrics.jsonl/.csv, tb/, metrics.json, test_predictions.csv,
 rank<k>.json (weights hash per rank); logs in ``RUN_DIR/logs/train/rank<k>.log``.
 
-``TrainJob(cfg, run_dir)`` is the submitit entry point (``submitit.helpers.Checkpointable``): on a
-timeout/preemption signal the loop saves a checkpoint at the next batch boundary, then submitit
-requeues ``TrainJob.checkpoint()``'s DelayedSubmission, which resumes from that checkpoint.
+On SIGUSR1/SIGTERM (plus any ``extra_stop_signals`` the launcher names, e.g. submitit's preemption
+signal) the loop saves a checkpoint at the next batch boundary, then hands the signal to the handler
+that was installed before (the launcher's requeue; :class:`toolkit.hpc.stages.TrainJob`). This module
+imports nothing from :mod:`toolkit.hpc` and nothing from submitit.
 """
 
 from __future__ import annotations
@@ -22,19 +23,19 @@ import threading
 from pathlib import Path
 
 import numpy as np
-import submitit
 import torch
 
 from toolkit.config import PipelineConfig
-from toolkit.hpc.stages import task_log
+from toolkit.layout import RunLayout
+from toolkit.runtime import task_log, write_json
 from toolkit.model.kernels import kernel_status
 from toolkit.train import distributed as D
 from toolkit.train.checkpoint import CheckpointError
-from toolkit.train.loop import NonFiniteLossError, StopFlag, Trainer, TrainingInterrupted, weights_sha256, write_json
+from toolkit.train.loop import NonFiniteLossError, StopFlag, Trainer, TrainingInterrupted, weights_sha256
 from toolkit.train.metrics import MetricsLog
 from toolkit.train.split import resolve_split, save_split
 
-__all__ = ["run", "TrainJob", "TrainingInterrupted", "NonFiniteLossError", "CheckpointError"]
+__all__ = ["run", "TrainingInterrupted", "NonFiniteLossError", "CheckpointError"]
 
 log = logging.getLogger(__name__)
 
@@ -48,17 +49,16 @@ def seed_everything(seed: int) -> None:
 
 
 @contextlib.contextmanager
-def _stop_signals(flag: StopFlag):
-    """Route SIGUSR1/SIGTERM (and submitit's preemption signal) to ``flag``; keep the previous handlers.
+def _stop_signals(flag: StopFlag, extra: tuple[int, ...] = ()):
+    """Route SIGUSR1/SIGTERM (and ``extra``, e.g. submitit's preemption signal) to ``flag``; keep the
+    previous handlers.
 
-    Yields the previous handlers so that, after the checkpoint is saved, submitit's own handler can be
-    called (it requeues the job)."""
+    Yields the previous handlers so that, after the checkpoint is saved, the launcher's own handler
+    can be called (it requeues the job)."""
     if threading.current_thread() is not threading.main_thread():
         yield {}
         return
-    sigs = set(STOP_SIGNALS)
-    if _in_submitit_job():
-        sigs.add(submitit.JobEnvironment._usr_sig())
+    sigs = set(STOP_SIGNALS) | set(extra)
     previous = {s: signal.signal(s, flag) for s in sigs}
     try:
         yield previous
@@ -67,32 +67,24 @@ def _stop_signals(flag: StopFlag):
             signal.signal(s, h)
 
 
-def _in_submitit_job() -> bool:
-    try:
-        return bool(submitit.JobEnvironment().activated())
-    except RuntimeError:  # not started by submitit
-        return False
-
-
 def _chain_previous_handler(previous: dict, signum: int) -> None:
-    """After our checkpoint: hand the signal to the handler that was there before (submitit's requeue)."""
+    """After our checkpoint: hand the signal to the handler that was there before (the launcher's requeue)."""
     h = previous.get(signum)
     if callable(h) and h not in (signal.default_int_handler,):
         h(signum, None)
 
 
-def _finished(train_dir: Path) -> bool:
-    return (train_dir / "metrics.json").is_file() and (train_dir / "best.pt").is_file()
-
-
-def run(cfg: PipelineConfig, run_dir: Path, *, stop_after_epoch: int | None = None) -> dict:
+def run(cfg: PipelineConfig, run_dir: Path, *, stop_after_epoch: int | None = None,
+        extra_stop_signals: tuple[int, ...] = ()) -> dict:
     """Train (or resume, or skip a finished run). Returns the final metrics (rank 0) or ``{}``.
 
-    ``stop_after_epoch``: checkpoint and return after this many completed epochs (time-sliced jobs, tests)."""
+    ``stop_after_epoch``: checkpoint and return after this many completed epochs (time-sliced jobs, tests).
+    ``extra_stop_signals``: signals that also mean "checkpoint and stop" (the launcher's)."""
     from toolkit.train.data import open_training_data
 
     run_dir = Path(run_dir)
-    train_dir = run_dir / "train"
+    layout = RunLayout(run_dir)
+    train_dir = layout.train_dir
     denv = D.discover()
     device = D.select_device(cfg.train.device, denv)
     backend = D.select_backend(cfg.train.dist_backend, device)
@@ -103,7 +95,7 @@ def run(cfg: PipelineConfig, run_dir: Path, *, stop_after_epoch: int | None = No
             log.info("CPU training with %d intra-op thread(s): %s", threads, why)
             if cfg.model.backend == "torch":
                 log.info("message passing: %s", kernel_status())
-        if _finished(train_dir):
+        if layout.is_complete("train"):
             log.info("training in %s is finished (metrics.json and best.pt exist): not retraining; delete %s "
                      "to train again", train_dir, train_dir)
             return json.loads((train_dir / "metrics.json").read_text())
@@ -116,12 +108,12 @@ def run(cfg: PipelineConfig, run_dir: Path, *, stop_after_epoch: int | None = No
             record_run(cfg, run_dir, stage="train")
         D.init_process_group(denv, backend, cfg.train.dist_timeout_minutes)
         try:
-            return _train(cfg, run_dir, train_dir, denv, device, ds, split, stop_after_epoch)
+            return _train(cfg, run_dir, train_dir, denv, device, ds, split, stop_after_epoch, extra_stop_signals)
         finally:
             D.destroy_process_group()
 
 
-def _train(cfg, run_dir, train_dir, denv, device, ds, split, stop_after_epoch) -> dict:
+def _train(cfg, run_dir, train_dir, denv, device, ds, split, stop_after_epoch, extra_stop_signals) -> dict:
     from toolkit.model import build_model
 
     seed_everything(cfg.train.seed)
@@ -136,7 +128,7 @@ def _train(cfg, run_dir, train_dir, denv, device, ds, split, stop_after_epoch) -
     # rank 0 alone owns metrics.jsonl/csv/tb: several ranks rewriting one file race on its temporary name
     metrics = MetricsLog(train_dir, trainer.state.epoch if resumed else 0) if denv.is_main else None
     try:
-        with _stop_signals(flag) as previous:
+        with _stop_signals(flag, tuple(extra_stop_signals)) as previous:
             try:
                 state = trainer.fit(metrics, stop_after_epoch=stop_after_epoch)
             except TrainingInterrupted as e:
@@ -186,20 +178,3 @@ def _final_report(cfg, trainer: Trainer, ds, split, train_dir: Path) -> dict:
              res["onset_r2"], res["onset_mae_eV"],
              f", {out['mae_over_noise_floor']:.2f}x noise floor" if nf is not None else "")
     return out
-
-
-class TrainJob(submitit.helpers.Checkpointable):
-    """submitit entry point: ``executor.submit(TrainJob(cfg, run_dir))`` (one task per rank)."""
-
-    def __init__(self, cfg: PipelineConfig, run_dir: Path | str) -> None:
-        self.cfg = cfg
-        self.run_dir = Path(run_dir)
-
-    def __call__(self) -> dict:
-        return run(self.cfg, self.run_dir)
-
-    def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
-        """Called by submitit on timeout/preemption (after our loop saved last.pt): resubmit; it resumes."""
-        log.info("requeueing training of %s; it resumes from %s", self.run_dir,
-                 self.run_dir / "train" / "checkpoints" / "last.pt")
-        return submitit.helpers.DelayedSubmission(TrainJob(self.cfg, self.run_dir))

@@ -22,12 +22,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from toolkit.model import MODEL_FORMAT
 from toolkit.model.checkpoint import CheckpointError, load_state_dict_file, save_state_dict_file
 
-__all__ = ["CheckpointError", "atomic_save", "load", "capture_rng", "restore_rng", "check_resumable"]
+__all__ = ["MODEL_FORMAT", "CheckpointError", "atomic_save", "load", "capture_rng", "restore_rng", "check_resumable"]
 
 TRAIN_FORMAT = "spectrolens-train-checkpoint"
-MODEL_FORMAT = "spectrolens-model"
 VERSION = 1
 
 # Train-section fields that may change between a run and its resume without changing the result.

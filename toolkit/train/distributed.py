@@ -26,10 +26,14 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from toolkit.errors import SpectrolensError
+from toolkit.runtime import mpi_world
+from toolkit.runtime import select_device as _select_device
+
 log = logging.getLogger(__name__)
 
 
-class DistributedSetupError(RuntimeError):
+class DistributedSetupError(SpectrolensError, RuntimeError):
     """The launcher's environment is inconsistent (the message names the variables)."""
 
 
@@ -110,13 +114,9 @@ def discover(environ: Mapping[str, str] | None = None) -> DistEnv:
                                         "(launch with torchrun, or export all four)")
         return DistEnv(rank, world, _int(env, "LOCAL_RANK") or 0, env.get("MASTER_ADDR"), port, "torchrun")
 
-    mpi_rank = _int(env, "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK")
-    if mpi_rank is not None:
-        world = _int(env, "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS")
-        if world is None:  # PMIx does not export the size: ask MPI
-            from mpi4py import MPI
-
-            world = MPI.COMM_WORLD.Get_size()
+    mpi = mpi_world(env)
+    if mpi is not None:
+        mpi_rank, world = mpi
         local = _int(env, "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID") or 0
         if world <= 1:
             return DistEnv(0, 1, local, None, None, "mpi")
@@ -168,14 +168,8 @@ def cpu_threads(environ: Mapping[str, str] | None = None, affinity: set[int] | N
 
 
 def select_device(requested: str, dist_env: DistEnv) -> torch.device:
-    """``auto`` -> ``cuda:<local_rank>`` when a GPU is visible, else CPU."""
-    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise DistributedSetupError("train.device=cuda but no CUDA device is visible; set train.device=cpu or auto")
-    idx = dist_env.local_rank % torch.cuda.device_count()
-    torch.cuda.set_device(idx)
-    return torch.device("cuda", idx)
+    """``auto`` -> ``cuda:<local_rank>`` when a GPU is visible, else CPU (:func:`toolkit.runtime.select_device`)."""
+    return _select_device(requested, dist_env.local_rank, setting="train.device")
 
 
 def select_backend(requested: str, device: torch.device) -> str:

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import math
-import os
 import signal
 import time
 from collections.abc import Callable, Iterable
@@ -26,14 +24,16 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from toolkit.errors import SpectrolensError
+from toolkit.runtime import use_bf16
 from toolkit.train import checkpoint as ckpt
 from toolkit.train import distributed as D
-from toolkit.train.metrics import MetricsLog, abs_error_sums, json_safe, masked_loss, onset_metrics, write_predictions_csv
+from toolkit.train.metrics import MetricsLog, abs_error_sums, masked_loss, onset_metrics, write_predictions_csv
 
 log = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(SpectrolensError, RuntimeError):
     """A NaN/inf loss; the message names the material ids of the batch(es) that produced it."""
 
 
@@ -125,8 +125,7 @@ class Trainer:
         self.scheduler = (torch.optim.lr_scheduler.OneCycleLR(self.optimizer, max_lr=self.tc.learning_rate,
                                                               total_steps=self.total_steps, pct_start=self.tc.pct_start)
                           if self.tc.scheduler == "onecycle" else None)
-        prec = self.tc.precision
-        self.bf16 = prec == "bf16" or (prec == "auto" and device.type == "cuda")
+        self.bf16 = use_bf16(self.tc.precision, device.type)
         self.state = TrainState()
         self.lr_trace: list[float] = []  # LR used by each optimizer step of this process (tests, diagnostics)
 
@@ -323,10 +322,3 @@ class Trainer:
         return {"test_spectrum_mae": res["mae"], "test_n_materials": res["n_materials"],
                 "onset_r2": on["onset_r2"], "onset_mae_eV": on["onset_mae"], "onset_n": on["onset_n"],
                 "onset_n_missing": on["onset_n_missing"], "onset_threshold": onset_threshold}
-
-
-def write_json(path: Path, obj: dict) -> None:
-    """Atomic JSON write; NaN/inf become null (strict JSON)."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(json_safe(obj), indent=2, allow_nan=False))
-    os.replace(tmp, path)

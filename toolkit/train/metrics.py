@@ -16,16 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-
-def json_safe(obj):
-    """NaN/inf -> None, recursively (strict JSON)."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    return obj
+from toolkit.runtime import json_safe
 
 
 def masked_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, kind: str) -> torch.Tensor:

@@ -1,0 +1,173 @@
+"""Run a sharded stage here: local worker processes, or this process's share under MPI.
+
+``spectrolens prepare`` / ``spectrolens embed`` (and the local executor, which runs those commands)
+call :func:`run_sharded`:
+
+* under an MPI launcher (``mpiexec -n R spectrolens prepare ...``), every rank runs
+  :func:`toolkit.hpc.stages.array_task` ``rank`` of ``R`` in-process, errors are gathered, rank 0
+  finalizes and the summary is broadcast;
+* otherwise :func:`start_workers` starts ``stage.workers(cfg)`` processes ``python -m
+  toolkit.hpc.worker`` (task ``t`` of ``T`` each, the same :func:`~toolkit.hpc.stages.array_task` a
+  SLURM array task runs), shows progress, and finalizes (:func:`~toolkit.hpc.stages.finalize`).
+
+Logs: ``logs/<stage>/driver.log`` (this process), ``task-<t>.log`` (each task's stage log, as on
+SLURM), ``worker-<t>.log`` (each worker process's whole output, tracebacks included), ``finalize.log``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from toolkit import sharded
+from toolkit.config import PipelineConfig, dump_config, record_run
+from toolkit.hpc import stages as st
+from toolkit.runtime import MALLOC_ENV, mpi_world, tail, write_text
+
+log = logging.getLogger("spectrolens.launch")
+
+
+def run_sharded(stage: str, cfg: PipelineConfig, run_dir: Path | str, n_workers: int | None = None) -> dict:
+    """Run every unfinished unit of ``stage`` and finalize; returns the stage's summary."""
+    run_dir = Path(run_dir)
+    mod = sharded.resolve(stage)
+    mpi = mpi_world()
+    if mpi is not None and mpi[1] > 1:
+        return _run_mpi(stage, cfg, run_dir, *mpi)
+    logs = run_dir / "logs" / mod.NAME
+    logs.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(logs / "driver.log")
+    handler.setFormatter(logging.Formatter(f"%(asctime)s {mod.NAME}/driver %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    old = root.level
+    if root.getEffectiveLevel() > logging.INFO:
+        root.setLevel(logging.INFO)
+    root.addHandler(handler)
+    try:
+        return _run_local(stage, mod, cfg, run_dir, n_workers)
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old)
+        handler.close()
+
+
+def _run_local(stage: str, mod, cfg: PipelineConfig, run_dir: Path, n_workers: int | None) -> dict:
+    from tqdm import tqdm
+
+    record_run(cfg, run_dir, mod.NAME)
+    n = sharded.plan_once(stage, cfg, run_dir)  # here, so a refused config fails before any worker starts
+    done = len(sharded.done_units(stage, run_dir, n))
+    if done == n:
+        log.info("%s: every %s in %s is done; finalizing (a no-op when complete)", mod.NAME, mod.UNIT, run_dir)
+        return st.finalize(stage, cfg, run_dir)
+    workers = max(1, min(n_workers or mod.workers(cfg), max(1, n - done)))
+    log.info("%s: %d of %d %ss to build with %d workers", mod.NAME, n - done, n, mod.UNIT, workers)
+    procs = start_workers(stage, cfg, run_dir, workers, gpu=mod.device(cfg) != "cpu")
+    log.info("started %d worker processes for %d %ss (%d already done)", workers, n, mod.UNIT, done)
+    with tqdm(total=n, initial=done, desc=f"{mod.NAME} {mod.UNIT}s", unit=mod.UNIT, disable=done == n) as bar:
+        try:
+            while True:
+                running = [p for p, _ in procs if p.poll() is None]
+                bar.update(len(sharded.done_units(stage, run_dir, n)) - bar.n)
+                if not running:
+                    break
+                time.sleep(0.2)
+        except BaseException:  # Ctrl-C / SIGTERM of the driver: stop the workers; finished units are kept
+            for p, _ in procs:
+                if p.poll() is None:
+                    p.terminate()
+            raise
+    failed = [(t, p.returncode, lf) for t, (p, lf) in enumerate(procs) if p.returncode != 0]
+    if failed:
+        msg = "; ".join(f"worker {t} exited with {rc} (log {lf}):\n{tail(lf, 15)}" for t, rc, lf in failed)
+        raise mod.Error(f"{mod.NAME} workers failed; finished {mod.UNIT}s are kept, re-run to do the rest. {msg}")
+    return st.finalize(stage, cfg, run_dir)
+
+
+def worker_env(n_workers: int, task: int, gpu: bool) -> dict[str, str]:
+    """Environment of local worker ``task``: the CPUs split between workers, glibc allocator settings,
+    and with several GPUs, GPU ``task % n_gpus`` only (unless CUDA_VISIBLE_DEVICES is set already)."""
+    env = dict(os.environ)
+    if gpu and "CUDA_VISIBLE_DEVICES" not in env:
+        import torch
+
+        if torch.cuda.device_count() > 1:
+            env["CUDA_VISIBLE_DEVICES"] = str(task % torch.cuda.device_count())
+    threads = max(1, len(os.sched_getaffinity(0)) // n_workers)
+    env.setdefault("OMP_NUM_THREADS", str(threads))
+    env.setdefault("MKL_NUM_THREADS", str(threads))
+    return {**MALLOC_ENV, **env}
+
+
+def worker_command(stage: str, config_file: Path, run_dir: Path, task: int, n_tasks: int) -> list[str]:
+    """Command line of one local worker process: this interpreter, so a driver running inside a
+    container (the local executor wraps the stage command) starts its workers in the same container."""
+    return [sys.executable, "-m", "toolkit.hpc.worker", "--stage", stage, "--config", str(config_file),
+            "--run-dir", str(run_dir), "--task", str(task), "--tasks", str(n_tasks)]
+
+
+def start_workers(stage: str, cfg: PipelineConfig, run_dir: Path, n_tasks: int,
+                  gpu: bool = False) -> list[tuple[subprocess.Popen, Path]]:
+    """Start ``n_tasks`` worker processes, worker ``t``'s output in ``logs/<stage>/worker-<t>.log``."""
+    name = sharded.resolve(stage).NAME
+    logs = Path(run_dir) / "logs" / name
+    logs.mkdir(parents=True, exist_ok=True)
+    config_file = logs / f"config.{os.getpid()}.yaml"
+    write_text(config_file, dump_config(cfg))
+    procs = []
+    for t in range(n_tasks):
+        log_file = logs / f"worker-{t}.log"
+        with open(log_file, "ab") as fh:
+            procs.append((subprocess.Popen(worker_command(stage, config_file, run_dir, t, n_tasks),
+                                           stdout=fh, stderr=subprocess.STDOUT, env=worker_env(n_tasks, t, gpu)),
+                          log_file))
+    return procs
+
+
+def _run_mpi(stage: str, cfg: PipelineConfig, run_dir: Path, rank: int, world: int) -> dict:
+    """MPI ranks: rank ``r`` is task ``r`` of ``world``; rank 0 finalizes; every rank returns the summary."""
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    if comm.Get_size() != world:
+        raise sharded.resolve(stage).Error(f"MPI environment says {world} ranks but MPI.COMM_WORLD has "
+                                           f"{comm.Get_size()}")
+    mod = sharded.resolve(stage)
+    if rank == 0:
+        record_run(cfg, run_dir, mod.NAME)
+    error = None
+    try:
+        units = st.array_task(stage, cfg, run_dir, rank, world)
+        log.info("MPI rank %d of %d: built %ss %s", rank, world, mod.UNIT, units)
+    except Exception as e:  # every rank must reach the collective below, or the others hang
+        error = f"rank {rank}: {type(e).__name__}: {e}"
+    errors = [x for x in comm.allgather(error) if x]
+    if errors:
+        raise mod.Error(f"{mod.NAME} failed on MPI ranks (re-run to resume): " + "; ".join(errors))
+    result: dict = {}
+    if rank == 0:
+        try:
+            result = {"summary": st.finalize(stage, cfg, run_dir)}
+        except Exception as e:
+            result = {"error": f"{type(e).__name__}: {e}"}
+    result = comm.bcast(result, root=0)
+    if "error" in result:
+        raise mod.Error(f"{mod.NAME} finalize failed on rank 0: {result['error']}")
+    return result["summary"]
+
+
+def run_unit(stage: str, cfg: PipelineConfig, run_dir: Path | str, unit: int) -> bool:
+    """Build one unit (``--part`` / ``--shard``) under its lock; False when it was done already."""
+    mod = sharded.resolve(stage)
+    n = sharded.plan_once(stage, cfg, run_dir)
+    if not 0 <= unit < n:
+        raise mod.Error(f"{mod.UNIT} {unit} does not exist: the plan has {n} {mod.UNIT}s (0..{n - 1})")
+    with sharded.unit_lock(run_dir, mod, unit):
+        if mod.unit_done(Path(run_dir), unit):
+            return False
+        mod.run_units(cfg, Path(run_dir), [unit])
+        return True
