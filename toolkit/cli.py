@@ -32,21 +32,21 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--log-level", default="INFO")
     sub = ap.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("prepare", help="read a data source into the canonical Zarr dataset (+ graphs)")
-    _common(p)
-    p.add_argument("--strict", action="store_true", help="exit non-zero if any record was rejected")
-    p.add_argument("--part", type=int, default=None, help="build only this part (array-task use)")
-
-    p = sub.add_parser("train", help="train ALIGNN on the prepared dataset (one rank; use torchrun/srun for DDP)")
-    _common(p)
-
-    p = sub.add_parser("embed", help="extract layer activations into embeddings.zarr")
-    _common(p)
-    p.add_argument("--verify", action="store_true", help="report missing / non-finite rows; non-zero exit if any")
-    p.add_argument("--shard", type=int, default=None, help="extract only this shard (array-task use)")
-
-    p = sub.add_parser("analyze", help="cluster embeddings, attribute descriptors, write the report")
-    _common(p)
+    stage_args = {  # stage command -> (help, extra arguments)
+        "prepare": ("read a data source into the canonical Zarr dataset (+ graphs)", [
+            (["--strict"], dict(action="store_true", help="exit non-zero if any record was rejected")),
+            (["--part"], dict(type=int, default=None, help="build only this part (array-task use)"))]),
+        "train": ("train ALIGNN on the prepared dataset (one rank; use torchrun/srun for DDP)", []),
+        "embed": ("extract layer activations into embeddings.zarr", [
+            (["--verify"], dict(action="store_true", help="report missing / non-finite rows; non-zero exit if any")),
+            (["--shard"], dict(type=int, default=None, help="extract only this shard (array-task use)"))]),
+        "analyze": ("cluster embeddings, attribute descriptors, write the report", []),
+    }
+    for name, (text, extra) in stage_args.items():
+        p = sub.add_parser(name, help=text)
+        _common(p)
+        for flags, kw in extra:
+            p.add_argument(*flags, **kw)
 
     p = sub.add_parser("run", help="run the whole pipeline (prepare -> train -> embed -> analyze)")
     p.add_argument("pipeline", type=Path, help="pipeline YAML")

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 STAGES: tuple[str, ...] = ("prepare", "train", "embed", "analyze")
@@ -35,86 +34,39 @@ def zarr_complete(store: Path) -> bool:
         return False
 
 
-@dataclass(frozen=True)
 class RunLayout:
-    """Paths of one run directory (no I/O on construction)."""
-
-    root: Path
+    """Paths of one run directory (plain attributes; no I/O on construction)."""
 
     def __init__(self, root: str | os.PathLike) -> None:
-        object.__setattr__(self, "root", Path(root))
+        r = self.root = Path(root)
+        self.config, self.run_info, self.locks = r / "config.yaml", r / "run_info.json", r / ".locks"
+        # prepare
+        self.dataset, self.prepare_dir = r / "dataset.zarr", r / "prepare"
+        self.prepare_plan = self.prepare_dir / "plan.json"
+        self.prepare_summary = self.prepare_dir / "summary.json"
+        self.rejects = self.prepare_dir / "rejects.csv"
+        # train
+        self.train_dir = r / "train"
+        self.best_checkpoint = self.train_dir / "best.pt"
+        self.last_checkpoint = self.train_dir / "checkpoints" / "last.pt"
+        self.train_metrics = self.train_dir / "metrics.json"
+        # embed, analyze
+        self.embeddings = r / "embeddings.zarr"
+        self.analyze_dir = r / "analyze"
+        self.attribution = self.analyze_dir / "attribution.json"
+        self.report = self.analyze_dir / "report" / "index.html"
 
-    # -- run-level files
-    @property
-    def config(self) -> Path:
-        return self.root / "config.yaml"
+    def __repr__(self) -> str:
+        return f"RunLayout({str(self.root)!r})"
 
-    @property
-    def run_info(self) -> Path:
-        return self.root / "run_info.json"
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RunLayout) and other.root == self.root
 
-    @property
-    def locks(self) -> Path:
-        return self.root / ".locks"
+    def __hash__(self) -> int:
+        return hash(self.root)
 
     def logs(self, stage: str) -> Path:
         return self.root / "logs" / stage
-
-    # -- prepare
-    @property
-    def dataset(self) -> Path:
-        return self.root / "dataset.zarr"
-
-    @property
-    def prepare_dir(self) -> Path:
-        return self.root / "prepare"
-
-    @property
-    def prepare_plan(self) -> Path:
-        return self.prepare_dir / "plan.json"
-
-    @property
-    def prepare_summary(self) -> Path:
-        return self.prepare_dir / "summary.json"
-
-    @property
-    def rejects(self) -> Path:
-        return self.prepare_dir / "rejects.csv"
-
-    # -- train
-    @property
-    def train_dir(self) -> Path:
-        return self.root / "train"
-
-    @property
-    def best_checkpoint(self) -> Path:
-        return self.train_dir / "best.pt"
-
-    @property
-    def last_checkpoint(self) -> Path:
-        return self.train_dir / "checkpoints" / "last.pt"
-
-    @property
-    def train_metrics(self) -> Path:
-        return self.train_dir / "metrics.json"
-
-    # -- embed
-    @property
-    def embeddings(self) -> Path:
-        return self.root / "embeddings.zarr"
-
-    # -- analyze
-    @property
-    def analyze_dir(self) -> Path:
-        return self.root / "analyze"
-
-    @property
-    def attribution(self) -> Path:
-        return self.analyze_dir / "attribution.json"
-
-    @property
-    def report(self) -> Path:
-        return self.analyze_dir / "report" / "index.html"
 
     # -- completion
     def is_complete(self, stage: str) -> bool:

@@ -27,9 +27,9 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from toolkit.errors import DeviceError, OutOfSpaceError, RunBusyError
 
@@ -96,18 +96,17 @@ def disk_errors(path: str | os.PathLike) -> Iterator[None]:
                               f"fix permissions there and re-run: finished work is kept") from e
 
 
-def write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` atomically: a unique temporary file beside it, then a rename.
-
-    Concurrent writers never share a temporary name; a failed write leaves no temporary file and the
-    previous content of ``path`` in place."""
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
+    """Write ``path`` atomically: ``write(fh)`` into a unique temporary file beside it (binary), fsync,
+    rename. Concurrent writers never share a temporary name; a failed write (out of space: one-line
+    :class:`OutOfSpaceError` naming ``path``) leaves no temporary file and the previous ``path`` intact."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.{time.monotonic_ns()}.tmp")
     with disk_errors(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            with open(tmp, "w") as fh:
-                fh.write(text)
+            with open(tmp, "wb") as fh:
+                write(fh)
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, path)
@@ -115,6 +114,11 @@ def write_text(path: str | os.PathLike, text: str) -> None:
             with contextlib.suppress(OSError):
                 tmp.unlink()
             raise
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Atomic UTF-8 text write (:func:`atomic_write`)."""
+    atomic_write(path, lambda fh: fh.write(text.encode()))
 
 
 def write_json(path: str | os.PathLike, obj: Any, indent: int | None = 1) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 import time
 from collections import Counter
@@ -266,8 +267,13 @@ def run_part(cfg: PipelineConfig, run_dir: str | os.PathLike, part: int, *, plan
              len(rejects), attrs["n_edges"], time.perf_counter() - t0)
 
 
-def _reason_kind(reason: str) -> str:
-    return reason.split(":", 1)[0].strip() or reason
+def _reason_kind(reason: str, record: str = "") -> str:
+    """The kind of a reject reason for counting: the text before the first colon (readers write
+    "<kind>: <specifics>"), with the record's own name and a formula masked where a reason has no colon."""
+    kind = reason.split(":", 1)[0].strip() or reason
+    if record:
+        kind = re.sub(rf"(?<![\w-]){re.escape(record)}(?![\w-])", "<record>", kind)
+    return re.sub(r"formula \S+", "formula <formula>", kind)
 
 
 def finalize(cfg: PipelineConfig, run_dir: str | os.PathLike) -> dict:
@@ -294,7 +300,7 @@ def finalize(cfg: PipelineConfig, run_dir: str | os.PathLike) -> dict:
     n_rej = write_rejects(RunLayout(run_dir).rejects, rejects)
     index = store.write_index(spath, n_parts)
     n = int(index["ids"].shape[0])
-    by_reason = Counter(_reason_kind(r.reason) for r in rejects)
+    by_reason = Counter(_reason_kind(r.reason, r.record) for r in rejects)
     by_file = Counter(r.source_file for r in rejects)
     counts = {"planned": int(pl["n_keys"]) + int(pl["n_scan_rejects"]), "materials": n, "rejected": n_rej,
               "with_spectrum": int(index["has_spectrum"].sum()), "atoms": int(index["natoms"].sum()),

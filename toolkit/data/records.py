@@ -40,7 +40,11 @@ class Material:
 
 @dataclass
 class Reject:
-    """A record that could not be used: the file it came from, the record within it, and why."""
+    """A record that could not be used: the file it came from, the record within it, and why.
+
+    ``reason`` is ``"<kind>: <specifics>"``: a fixed kind text first (no ids, file names or numbers;
+    prepare counts rejects per kind, the text before the first colon), then what is specific to the
+    record (see :func:`toolkit.data.readers.common.reason`)."""
 
     source_file: str
     record: str

@@ -12,7 +12,6 @@ ALIGNN (``alignn_atomwise`` / ``alignn_atomwise_pure``), mapping its config.json
 from __future__ import annotations
 
 import json
-import os
 import pickle
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,7 +22,7 @@ from torch import nn
 
 from toolkit.config import GraphConfig, ModelConfig
 from toolkit.errors import SpectrolensError
-from toolkit.runtime import disk_errors
+from toolkit.runtime import atomic_write
 
 
 class CheckpointError(SpectrolensError, ValueError):
@@ -36,19 +35,7 @@ def save_state_dict_file(obj: Mapping[str, Any], path: str | Path) -> None:
     Written to a temporary file in the same folder, fsynced, then renamed, so a job killed while
     saving leaves the previous file intact; a full disk raises :class:`~toolkit.errors.OutOfSpaceError`
     naming ``path`` and leaves no temporary file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    with disk_errors(path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            with open(tmp, "wb") as f:
-                torch.save(dict(obj), f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+    atomic_write(path, lambda fh: torch.save(dict(obj), fh))
 
 
 #: torch.save's legacy (pre-zip) format starts with this number, pickled (protocol 2: LONG1, 10 bytes)

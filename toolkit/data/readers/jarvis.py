@@ -24,7 +24,7 @@ import numpy as np
 from pymatgen.core import Lattice, Structure
 
 from toolkit.config import DataConfig
-from toolkit.data.readers.common import build_material, spectrum_from_alpha
+from toolkit.data.readers.common import build_material, reason, spectrum_from_alpha
 from toolkit.data.readers.vasp import orientation_average
 from toolkit.data.records import Material, Reject
 
@@ -125,18 +125,18 @@ class JarvisSource:
             try:
                 structure = atoms_to_structure(entry["atoms"])
             except Exception as e:  # noqa: BLE001
-                yield Reject(src, jid, f"unreadable dft_3d atoms: {type(e).__name__}: {e}")
+                yield Reject(src, jid, reason("unreadable atoms", f"dft_3d entry: {type(e).__name__}: {e}"))
                 continue
             spectrum, props, prov = None, {}, {"dataset": DATASET}
             if self.path is not None:
                 page = pages.get(jid)
                 if page is None:
-                    yield Reject(src, jid, "no optics page for this jid")
+                    yield Reject(src, jid, reason("no optics page", "no JVASP page for this jid in data.path"))
                     continue
                 try:
                     optics = parse_optics_page(page, self.cfg.jarvis_optics)
                 except Exception as e:  # noqa: BLE001 - malformed page is a per-record reject
-                    yield Reject(str(page), jid, f"unusable optics page: {type(e).__name__}: {e}")
+                    yield Reject(str(page), jid, reason("unusable optics page", f"{type(e).__name__}: {e}"))
                     continue
                 alpha, nan_rows = orientation_average(optics["energy"], optics["real"], optics["imag"])
                 spectrum = spectrum_from_alpha(self.cfg, optics["energy"], alpha)

@@ -11,6 +11,15 @@ Fields of each JSON object:
 * any other field (``"formula"`` ...) is ignored.
 
 Structure-only lines (no spectrum field) are valid records with ``spectrum=None``.
+
+The file is UTF-8 (a leading byte-order mark is skipped). Everything that can be checked without
+building the structure is checked by ``scan`` (JSON, id, structure object, spectrum, gaps: one
+:func:`record_problem`), and again by ``load``, which turns every error of a record (the file changed
+since the scan, a structure pymatgen cannot build, ...) into a :class:`Reject`, never an exception.
+Rejected: undecodable lines, malformed JSON, a missing or non-string/integer id, a later record with
+an id already used (the first record that passes the scan checks keeps the id), spectra that are not
+lists of finite non-negative numbers or have no point on ``data.grid``, and gaps that are not finite
+non-negative numbers.
 """
 
 from __future__ import annotations
@@ -24,7 +33,17 @@ import numpy as np
 from pymatgen.core import Structure
 
 from toolkit.config import DataConfig
-from toolkit.data.readers.common import build_material, spectrum_from_alpha, target_grid, value_problem
+from toolkit.data.readers.common import (
+    binary_lines,
+    build_material,
+    decode_line,
+    duplicate_reason,
+    gap_problem,
+    reason,
+    spectrum_from_alpha,
+    target_grid,
+    value_problem,
+)
 from toolkit.data.records import Material, Reject
 
 ID_FIELDS = ("id", "material_id", "jid")
@@ -40,32 +59,73 @@ def record_id(obj: dict) -> str | None:
     return None
 
 
+def id_problem(obj: dict) -> str | None:
+    """Why the record has no usable id: none of the id fields, or one that is not a string/integer."""
+    f = next((f for f in ID_FIELDS if obj.get(f) not in (None, "")), None)
+    if f is None:
+        return reason("no id field", f"expected one of {', '.join(ID_FIELDS)}")
+    v = obj[f]
+    if isinstance(v, bool) or not isinstance(v, (str, int)):
+        return reason("invalid id", f"field {f!r} must be a string or an integer, not {type(v).__name__}")
+    try:
+        str(v).encode("utf-8")
+    except UnicodeEncodeError:
+        return reason("invalid id", f"field {f!r} holds an unpaired surrogate escape ({v!r})")
+    return None
+
+
 def spectrum_problem(obj: dict, grid_num: int) -> str | None:
-    """Why the optional spectrum fields of a record are unusable, or None."""
+    """Why the optional spectrum fields of a record are unusable (before resampling), or None."""
     present = [f for f in SPECTRUM_FIELDS if f in obj]
     if not present:
-        return "field 'energy' given without 'alpha' or 'log10_alpha'" if "energy" in obj else None
+        return reason("incomplete spectrum", "field 'energy' given without 'alpha' or 'log10_alpha'") \
+            if "energy" in obj else None
     if len(present) > 1:
-        return "both 'alpha' and 'log10_alpha' given; give one"
-    try:
-        vals = np.asarray(obj[present[0]], dtype=np.float64)
-    except (TypeError, ValueError):
-        return f"field {present[0]!r} is not a list of numbers"
+        return reason("conflicting spectrum fields", "both 'alpha' and 'log10_alpha' given; give one")
+    field = present[0]
+    vals = _numbers(obj[field])
+    if vals is None:
+        return reason("invalid spectrum", f"field {field!r} is not a list of numbers")
     if vals.ndim != 1 or vals.size < 2:
-        return f"field {present[0]!r} must be a list of at least 2 numbers"
+        return reason("invalid spectrum", f"field {field!r} must be a list of at least 2 numbers")
     if "energy" in obj:
-        try:
-            e = np.asarray(obj["energy"], dtype=np.float64)
-        except (TypeError, ValueError):
-            return "field 'energy' is not a list of numbers"
+        e = _numbers(obj["energy"])
+        if e is None:
+            return reason("invalid spectrum", "field 'energy' is not a list of numbers")
         if e.shape != vals.shape:
-            return f"'energy' has {e.size} values but {present[0]!r} has {vals.size}"
+            return reason("length mismatch", f"'energy' has {e.size} values but {field!r} has {vals.size}")
         if not np.all(np.isfinite(e)):
-            return "field 'energy' has non-finite values"
+            return reason("invalid spectrum", "field 'energy' has non-finite values")
     elif vals.size != grid_num:
-        return (f"{present[0]!r} has {vals.size} values and no 'energy' field; without 'energy' it must have "
-                f"data.grid.num={grid_num} values")
-    return value_problem(vals, what=present[0])
+        return reason("wrong number of values", f"{field!r} has {vals.size} values and no 'energy' field; without "
+                                                f"'energy' it must have data.grid.num={grid_num} values")
+    return value_problem(vals, what=field)
+
+
+def record_problem(obj: Any, grid_num: int) -> str | None:
+    """Every check of one parsed line that does not need the structure built, or None."""
+    if not isinstance(obj, dict):
+        return reason("not a JSON object", f"line holds a JSON {type(obj).__name__}")
+    problem = id_problem(obj)
+    if problem:
+        return problem
+    if not isinstance(obj.get("structure"), dict):
+        return reason("missing structure", "no 'structure' object (pymatgen Structure.as_dict())")
+    problem = spectrum_problem(obj, grid_num)
+    if problem:
+        return problem
+    return next((p for p in (gap_problem(obj.get(f), repr(f)) for f in GAP_FIELDS) if p), None)
+
+
+def _numbers(value: Any) -> np.ndarray | None:
+    """A list of JSON numbers as float64, or None (strings, booleans, nested lists, objects)."""
+    if not isinstance(value, list) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        return None
+    try:
+        return np.asarray(value, dtype=np.float64)
+    except OverflowError:  # an integer beyond float range
+        return None
 
 
 class JsonlSource:
@@ -84,6 +144,18 @@ class JsonlSource:
         state["_offsets"] = None
         return state
 
+    def _parse_line(self, raw: bytes) -> tuple[Any, str | None]:
+        """(object, None) or (None, reason) for one line of the file."""
+        text, problem = decode_line(raw)
+        if text is None:
+            return None, problem
+        try:
+            return json.loads(text), None
+        except json.JSONDecodeError as e:
+            return None, reason("malformed JSON", f"{e.msg} at column {e.colno}")
+        except (ValueError, RecursionError) as e:  # e.g. an integer of more than 4300 digits, deep nesting
+            return None, reason("malformed JSON", f"{type(e).__name__}: {str(e)[:200]}")
+
     def _index(self) -> tuple[list[str], dict[str, tuple[int, int]], list[Reject]]:
         src = str(self.path)
         keys: list[str] = []
@@ -91,35 +163,17 @@ class JsonlSource:
         rejects: list[Reject] = []
         n_spec = 0
         with self.path.open("rb") as fh:
-            lineno, pos = 0, 0
-            for raw in fh:
-                lineno += 1
-                start, pos = pos, pos + len(raw)
+            for lineno, start, raw in binary_lines(fh):
                 if not raw.strip():
                     continue
-                rec = f"line {lineno}"
-                try:
-                    obj = json.loads(raw)
-                except json.JSONDecodeError as e:
-                    rejects.append(Reject(src, rec, f"malformed JSON: {e.msg} at column {e.colno}"))
-                    continue
-                if not isinstance(obj, dict):
-                    rejects.append(Reject(src, rec, "line is not a JSON object"))
-                    continue
-                rid = record_id(obj)
-                if rid is None:
-                    rejects.append(Reject(src, rec, f"no id field (one of {', '.join(ID_FIELDS)})"))
-                    continue
-                rec = f"line {lineno} ({rid})"
-                if not isinstance(obj.get("structure"), dict):
-                    rejects.append(Reject(src, rec, "no 'structure' object (pymatgen Structure.as_dict())"))
-                    continue
-                problem = spectrum_problem(obj, self.cfg.grid.num)
+                obj, problem = self._parse_line(raw)
+                rid = record_id(obj) if isinstance(obj, dict) and id_problem(obj) is None else None
+                rec = f"line {lineno}" if rid is None else f"line {lineno} ({rid})"
+                problem = problem or record_problem(obj, self.cfg.grid.num) or self._spectrum(obj)[1]
+                if problem is None and rid in offsets:
+                    problem = duplicate_reason(rid, f"line {offsets[rid][1]}")
                 if problem:
                     rejects.append(Reject(src, rec, problem))
-                    continue
-                if rid in offsets:
-                    rejects.append(Reject(src, rec, f"duplicate id {rid!r} (first seen at line {offsets[rid][1]})"))
                     continue
                 n_spec += any(f in obj for f in SPECTRUM_FIELDS)
                 offsets[rid] = (start, lineno)
@@ -138,36 +192,62 @@ class JsonlSource:
         with self.path.open("rb") as fh:
             for key in keys:
                 if key not in self._offsets:
-                    yield Reject(src, key, f"id {key!r} is not a valid record of {self.path.name}")
+                    yield Reject(src, key, reason("not a valid record", f"id {key!r} is not a valid record of {self.path.name}"))
                     continue
                 off, lineno = self._offsets[key]
-                fh.seek(off)
-                obj = json.loads(fh.readline())
-                yield self._material(obj, key, f"line {lineno} ({key})")
+                rec = f"line {lineno} ({key})"
+                try:
+                    fh.seek(off)
+                    item = self._material(fh.readline(), key, rec)
+                except Exception as e:  # noqa: BLE001 - load never raises for one record
+                    item = Reject(src, rec, reason("unreadable record", f"{type(e).__name__}: {e}"))
+                yield item
 
-    def _material(self, obj: dict, key: str, rec: str) -> Material | Reject:
+    def _material(self, raw: bytes, key: str, rec: str) -> Material | Reject:
+        """The line at a scanned offset -> Material, with every scan check made again (the file may
+        have changed since the plan)."""
         src = str(self.path)
+        obj, problem = self._parse_line(raw)
+        problem = problem or record_problem(obj, self.cfg.grid.num)
+        if problem is None and record_id(obj) != key:
+            problem = reason("changed record", f"the line now holds id {record_id(obj)!r} ({self.path.name} was "
+                                               f"modified after the scan)")
+        if problem:
+            return Reject(src, rec, problem)
         if obj["structure"].get("sites") == []:
-            return Reject(src, rec, "empty cell: structure has no atoms")
+            return Reject(src, rec, reason("empty cell", "structure has no atoms"))
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 structure = Structure.from_dict(obj["structure"])
         except Exception as e:  # noqa: BLE001 - any malformed dict is a per-record reject
-            return Reject(src, rec, f"unreadable structure: {type(e).__name__}: {e}")
-        spectrum = self._spectrum(obj)
+            return Reject(src, rec, reason("unreadable structure", f"{type(e).__name__}: {e}"))
+        spectrum, problem = self._spectrum(obj)
+        if problem:
+            return Reject(src, rec, problem)
         props: dict[str, Any] = {f: float(obj[f]) for f in GAP_FIELDS if obj.get(f) is not None}
         return build_material(self.cfg, id=key, structure=structure, spectrum=spectrum, source_file=src,
                               record=rec, source=self.name, properties=props)
 
-    def _spectrum(self, obj: dict) -> np.ndarray | None:
+    def _spectrum(self, obj: dict) -> tuple[np.ndarray | None, str | None]:
+        """The record's spectrum on the target grid (None without one), or a reason it is unusable:
+        values that overflow, or no point on the target grid."""
         field = next((f for f in SPECTRUM_FIELDS if f in obj), None)
         if field is None:
-            return None
+            return None, None
         vals = np.asarray(obj[field], dtype=np.float64)
-        alpha = vals if field == "alpha" else 10.0 ** vals
+        with np.errstate(over="ignore"):
+            alpha = vals if field == "alpha" else 10.0 ** vals
+        if not np.all(np.isfinite(alpha)):
+            i = int(np.argmax(~np.isfinite(alpha)))
+            return None, reason("non-finite values", f"10**{field} overflows at column {i + 1} ({vals[i]:g})")
         energy = np.asarray(obj["energy"], dtype=np.float64) if "energy" in obj else target_grid(self.cfg)
-        return spectrum_from_alpha(self.cfg, energy, alpha)
+        spectrum = spectrum_from_alpha(self.cfg, energy, alpha)
+        if not np.isfinite(spectrum).any():
+            g = self.cfg.grid
+            return None, reason("spectrum outside grid", f"energies {energy.min():g}-{energy.max():g} eV put no point "
+                                                         f"on data.grid ({g.start:g}-{g.stop:g} eV, {g.num} points)")
+        return spectrum, None
 
     def metadata(self) -> dict:
         return {"source": self.name, "path": str(self.path), "units": "eV", "transform": self.cfg.transform,

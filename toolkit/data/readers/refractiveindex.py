@@ -28,7 +28,7 @@ import yaml
 from pymatgen.core import Composition
 
 from toolkit.config import ConfigError, DataConfig
-from toolkit.data.readers.common import build_material, spectrum_from_alpha, target_grid
+from toolkit.data.readers.common import build_material, reason, spectrum_from_alpha, target_grid
 from toolkit.data.readers.jsonl import JsonlSource
 from toolkit.data.records import Material, Reject
 from toolkit.data.spectra import alpha_from_k, energy_from_wavelength_um, resample
@@ -115,13 +115,13 @@ def load_references(folder: str | Path) -> tuple[list[ReferenceSpectrum], list[R
         try:
             ref = read_refractiveindex(p)
         except Exception as e:  # noqa: BLE001 - one bad page never stops the others
-            rejects.append(Reject(str(p), rec, f"unusable refractiveindex page: {type(e).__name__}: {e}"))
+            rejects.append(Reject(str(p), rec, reason("unusable refractiveindex page", f"{type(e).__name__}: {e}")))
             continue
         if ref.metadata["k_all_zero"]:
-            rejects.append(Reject(str(p), rec, "k is identically 0: no absorption data"))
+            rejects.append(Reject(str(p), rec, reason("no absorption data", "k is identically 0")))
             continue
         if not ref.formula:
-            rejects.append(Reject(str(p), rec, f"material name {ref.material!r} is not a chemical formula"))
+            rejects.append(Reject(str(p), rec, reason("not a chemical formula", f"material name {ref.material!r}")))
             continue
         refs.append(ref)
     return refs, rejects
@@ -196,7 +196,9 @@ class RefractiveIndexSource:
         for formula, refs in sorted(by.items()):
             if formula not in used:
                 rejects.extend(Reject(r.metadata["file"], f"{r.material}/{r.metadata['page']}",
-                                      f"no structure with formula {formula} in {self.cfg.structures}") for r in refs)
+                                      reason("no matching structure",
+                                             f"no structure with formula {formula} in {self.cfg.structures}"))
+                               for r in refs)
         return kept, rejects
 
     def load(self, keys: list[str]) -> Iterator[Material | Reject]:
@@ -208,13 +210,14 @@ class RefractiveIndexSource:
                 continue
             refs = by.get(m.formula)
             if not refs:
-                yield Reject(str(self.structures.path), m.id, f"no refractiveindex.info reference for {m.formula}")
+                yield Reject(str(self.structures.path), m.id, f"no refractiveindex.info reference for formula {m.formula}")
                 continue
             best, others = best_reference(refs, grid)
             spectrum = spectrum_from_alpha(self.cfg, best.energy, best.alpha)
             if not np.isfinite(spectrum).any():
                 yield Reject(best.metadata["file"], m.id,
-                             f"reference {best.material}/{best.metadata['page']} does not overlap the target grid")
+                             reason("spectrum outside grid",
+                                    f"reference {best.material}/{best.metadata['page']} does not overlap the target grid"))
                 continue
             prov = dict(m.provenance)
             prov.update({"reference": best.metadata["file"], "reference_comments": best.metadata["comments"],

@@ -20,7 +20,7 @@ from typing import Iterator
 import numpy as np
 
 from toolkit.config import DataConfig
-from toolkit.data.readers.common import build_material, duplicate_rejects, spectrum_from_alpha
+from toolkit.data.readers.common import build_material, duplicate_rejects, reason, spectrum_from_alpha
 from toolkit.data.records import Material, Reject
 from toolkit.data.spectra import alpha_from_eps
 
@@ -83,7 +83,7 @@ class VaspSource:
                     vr = Vasprun(str(path), parse_dos=False, parse_eigen=False, parse_projected_eigen=False,
                                  parse_potcar_file=False)
             except Exception as e:  # noqa: BLE001 - any parser failure is a per-record reject
-                yield Reject(src, key, f"unreadable vasprun.xml: {type(e).__name__}: {e}")
+                yield Reject(src, key, reason("unreadable vasprun.xml", f"{type(e).__name__}: {e}"))
                 continue
             loptics = bool(vr.parameters.get("LOPTICS", False))
             energy, real, imag = (np.asarray(x, dtype=np.float64) for x in vr.dielectric) if vr.dielectric else (
@@ -91,14 +91,14 @@ class VaspSource:
             if not loptics:
                 extra = " (LEPSILON/DFPT run: only the static dielectric tensor is meaningful)" \
                     if vr.parameters.get("LEPSILON") else ""
-                yield Reject(src, key, f"no frequency-dependent optics: LOPTICS is not set{extra}")
+                yield Reject(src, key, reason("no frequency-dependent optics", f"LOPTICS is not set{extra}"))
                 continue
             if energy.size < 2 or real.shape != (energy.size, 6) or imag.shape != (energy.size, 6):
-                yield Reject(src, key, "no <dielectricfunction> block with 6 tensor components")
+                yield Reject(src, key, reason("no dielectric function", "no <dielectricfunction> block with 6 tensor components"))
                 continue
             alpha, nan_rows = orientation_average(energy, real, imag)
             if nan_rows.all():
-                yield Reject(src, key, "every row of the dielectric function is NaN/overflow")
+                yield Reject(src, key, reason("no finite optics", "every row of the dielectric function is NaN/overflow"))
                 continue
             spectrum = spectrum_from_alpha(self.cfg, energy, alpha)
             if nan_rows.any():
