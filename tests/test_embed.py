@@ -399,3 +399,25 @@ def test_two_concurrent_embed_commands_give_one_correct_store(prepared, referenc
     done = Counter(int(m) for m in re.findall(r"shard (\d+) done", logs))
     assert done == Counter(range(4))  # one writer per shard
     assert embed.verify(reference["cfg"], run_dir) == 0
+
+
+def test_checkpoint_of_another_grid_is_refused_at_plan(prepared, tmp_path):
+    run_dir = _run_dir(prepared, "othergrid")
+    ck = tmp_path / "best.pt"
+    cfg = _cfg(ck, layers=["readout"])
+    _save_checkpoint(ck, cfg, prepared["G"] + 7, seed=0)
+    with pytest.raises(embed.EmbedError, match=rf"predicts {prepared['G'] + 7} values .* grid of {prepared['G']} points"):
+        stage.plan(cfg, run_dir)
+    assert not st.store_path(run_dir).exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_failing_worker_is_one_message_without_traceback_from_the_cli(prepared, repo_root):
+    run_dir = _run_dir(prepared, "cli_failing")
+    args = [sys.executable, "-m", "toolkit.cli", "embed", "--run-dir", str(run_dir),
+            "--set", f"embed.checkpoint={prepared['ckpt']}", "--set", "embed.device=cuda",
+            "--set", "embed.layers=[readout]"] + [f"--set=model.{k}={v}" for k, v in MODEL.items()]
+    p = subprocess.run(args, cwd=repo_root, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 1
+    first = [ln for ln in p.stderr.splitlines() if ln.startswith("spectrolens embed: EmbedError")]
+    assert first and "worker-0.log" in first[0] and "worker 0 exited with 1" in first[0]

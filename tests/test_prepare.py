@@ -209,3 +209,34 @@ def test_two_concurrent_prepare_commands_give_one_correct_store(tmp_path, shared
     built = Counter(int(m) for m in re.findall(r"part (\d{5}): \d+ materials", logs))
     assert built == Counter(range(10))  # one writer per part
     assert json.loads((run_dir / "prepare" / "summary.json").read_text())["n_materials"] == 60
+
+
+def test_disk_full_while_finalizing_leaves_the_store_incomplete_then_rerun_finishes(tmp_path, shared_data,
+                                                                                       monkeypatch):
+    """The completion mark is the last write: a full disk while writing summary.json leaves a store that
+    readers refuse (not one marked complete without its summary), with a one-line error naming the file."""
+    import errno as _errno
+
+    from toolkit import runtime
+    from toolkit.errors import OutOfSpaceError
+
+    src = tmp_path / "mp24.jsonl"
+    src.write_text("".join((shared_data / "mp_structures" / "mp_structures.jsonl").open().readlines()[:24]))
+    cfg = jsonl_cfg(src, **{"data.shard_size": 12, "data.workers": 1})
+    run_dir = tmp_path / "run"
+    real = runtime.atomic_write
+
+    def full(path, write):
+        if Path(path).name == "summary.json":
+            raise runtime.OutOfSpaceError(f"cannot write {path}: {os.strerror(_errno.ENOSPC)}")
+        return real(path, write)
+
+    monkeypatch.setattr(runtime, "atomic_write", full)
+    with pytest.raises(OutOfSpaceError, match="summary.json"):
+        prepare.run(cfg, run_dir)
+    assert store.root_attrs(run_dir / "dataset.zarr")["complete"] is False
+    with pytest.raises(store.IncompleteStoreError):
+        store.DatasetReader(run_dir / "dataset.zarr")
+    monkeypatch.setattr(runtime, "atomic_write", real)
+    assert prepare.run(cfg, run_dir)["n_materials"] == 24
+    assert store.DatasetReader(run_dir / "dataset.zarr").attrs["complete"] is True
