@@ -45,7 +45,7 @@ _SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)
 @contextlib.contextmanager
 def task_log(run_dir: str | os.PathLike, stage: str, name: str) -> Iterator[Path]:
     """Copy this process's log records (INFO and above, every logger) to ``RUN_DIR/logs/<stage>/<name>.log``."""
-    path = Path(run_dir) / "logs" / stage / f"{name}.log"
+    path = Path(run_dir) / "logs" / stage / f"{name}.log"  # = RunLayout(run_dir).logs(stage) (leaf: no import)
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter(f"%(asctime)s {stage}/{name} %(levelname)s %(name)s: %(message)s"))

@@ -24,6 +24,7 @@ from toolkit.data.batch import GraphBatch
 from toolkit.embed.hooks import READOUT, capture, resolve_layers
 from toolkit.embed.store import ShardResult
 from toolkit.errors import SpectrolensError
+from toolkit.layout import RunLayout
 from toolkit.model import CheckpointError, build_model, load_state_dict_file
 
 from toolkit.model import MODEL_FORMAT
@@ -53,7 +54,7 @@ class LoadedModel:
 
 def checkpoint_path(cfg: PipelineConfig, run_dir: Path) -> Path:
     """``embed.checkpoint`` or ``<run_dir>/train/best.pt``."""
-    return Path(cfg.embed.checkpoint) if cfg.embed.checkpoint else Path(run_dir) / "train" / "best.pt"
+    return Path(cfg.embed.checkpoint) if cfg.embed.checkpoint else RunLayout(run_dir).best_checkpoint
 
 
 def file_sha256(path: Path) -> str:

@@ -40,11 +40,12 @@ import numpy as np
 import zarr
 
 from toolkit.errors import SpectrolensError
+from toolkit.layout import RunLayout
 from toolkit.runtime import disk_errors, write_json
 
 FORMAT = "spectrolens-embeddings"
 VERSION = 1
-STORE_NAME = "embeddings.zarr"
+STORE_NAME = RunLayout("").embeddings.name  # "embeddings.zarr"
 PROGRESS = "_progress"
 STAGING = "_staging"
 MAX_INNER_CHUNK = 256  # rows per inner chunk of the sharding codec (readers may fetch one inner chunk)
@@ -108,7 +109,7 @@ class ShardResult:
 
 
 def store_path(run_dir: Path) -> Path:
-    return Path(run_dir) / STORE_NAME
+    return RunLayout(run_dir).embeddings
 
 
 def inner_chunk(shard_size: int) -> int:

@@ -30,6 +30,7 @@ from typing import Any
 
 from toolkit.config import PipelineConfig, StageResources
 from toolkit.hpc import container, records, stages
+from toolkit.layout import RunLayout
 from toolkit.runtime import MALLOC_ENV, tail
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ class LocalExecutor:
 
     def run_stage(self, stage: str) -> int:
         """Run one stage to completion; returns its exit code (recorded in pipeline.json)."""
-        log_path = self.run_dir / "logs" / stage / f"{stage}.log"
+        log_path = RunLayout(self.run_dir).logs(stage) / f"{stage}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         cmd = self.command(stage)
         env = {**MALLOC_ENV, **os.environ}

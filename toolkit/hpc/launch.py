@@ -26,6 +26,7 @@ from pathlib import Path
 from toolkit import sharded
 from toolkit.config import PipelineConfig, dump_config, record_run
 from toolkit.hpc import stages as st
+from toolkit.layout import RunLayout
 from toolkit.runtime import MALLOC_ENV, mpi_world, tail, write_text
 
 log = logging.getLogger("spectrolens.launch")
@@ -38,7 +39,7 @@ def run_sharded(stage: str, cfg: PipelineConfig, run_dir: Path | str, n_workers:
     mpi = mpi_world()
     if mpi is not None and mpi[1] > 1:
         return _run_mpi(stage, cfg, run_dir, *mpi)
-    logs = run_dir / "logs" / mod.NAME
+    logs = RunLayout(run_dir).logs(mod.NAME)
     logs.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(logs / "driver.log")
     handler.setFormatter(logging.Formatter(f"%(asctime)s {mod.NAME}/driver %(levelname)s %(name)s: %(message)s"))
@@ -114,7 +115,7 @@ def start_workers(stage: str, cfg: PipelineConfig, run_dir: Path, n_tasks: int,
                   gpu: bool = False) -> list[tuple[subprocess.Popen, Path]]:
     """Start ``n_tasks`` worker processes, worker ``t``'s output in ``logs/<stage>/worker-<t>.log``."""
     name = sharded.resolve(stage).NAME
-    logs = Path(run_dir) / "logs" / name
+    logs = RunLayout(run_dir).logs(name)
     logs.mkdir(parents=True, exist_ok=True)
     config_file = logs / f"config.{os.getpid()}.yaml"
     write_text(config_file, dump_config(cfg))

@@ -20,6 +20,7 @@ from toolkit.config import ConfigError, PipelineConfig, load_config, record_run
 from toolkit.hpc import records, status
 from toolkit.hpc import stages as st
 from toolkit.hpc.executors import LocalExecutor, SlurmExecutor, job_ids
+from toolkit.layout import RunLayout
 from toolkit.runtime import exclusive_or_busy
 
 log = logging.getLogger(__name__)
@@ -161,8 +162,9 @@ def demo(run_dir: Path | str, overrides: list[str] | None = None) -> int:
 
 def demo_summary(run_dir: Path, seconds: float | None = None) -> str:
     """The demo's closing lines: report path, benchmark recovery, test MAE / noise floor, onset R^2."""
-    att = json.loads((run_dir / "analyze" / "attribution.json").read_text())
-    met_path = run_dir / "train" / "metrics.json"
+    lay = RunLayout(run_dir)
+    att = json.loads(lay.attribution.read_text())
+    met_path = lay.train_metrics
     met = json.loads(met_path.read_text()) if met_path.is_file() else {}
     rec = att.get("benchmark_recovery")
     lines = [f"report: {run_dir / 'analyze' / 'report' / 'index.html'}"]

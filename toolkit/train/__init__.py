@@ -98,7 +98,7 @@ def run(cfg: PipelineConfig, run_dir: Path, *, stop_after_epoch: int | None = No
         if layout.is_complete("train"):
             log.info("training in %s is finished (metrics.json and best.pt exist): not retraining; delete %s "
                      "to train again", train_dir, train_dir)
-            return json.loads((train_dir / "metrics.json").read_text())
+            return json.loads(layout.train_metrics.read_text())
         ds = open_training_data(cfg, run_dir)  # validates store vs config before any work
         split = resolve_split(cfg.train, ds.ids, ds.has_spectrum, train_dir / "split.json")
         if denv.is_main:
@@ -173,7 +173,7 @@ def _final_report(cfg, trainer: Trainer, ds, split, train_dir: Path) -> dict:
     if nf is not None:
         out["noise_floor"] = nf
         out["mae_over_noise_floor"] = res["test_spectrum_mae"] / nf if nf > 0 else math.inf
-    write_json(train_dir / "metrics.json", out)
+    write_json(RunLayout(train_dir.parent).train_metrics, out)
     log.info("test spectrum MAE %.4f, onset R2 %.3f, onset MAE %.3f eV%s", res["test_spectrum_mae"],
              res["onset_r2"], res["onset_mae_eV"],
              f", {out['mae_over_noise_floor']:.2f}x noise floor" if nf is not None else "")

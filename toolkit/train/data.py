@@ -13,6 +13,7 @@ import numpy as np
 
 from toolkit.config import ConfigError, PipelineConfig
 from toolkit.data.store import DatasetReader, StoreError
+from toolkit.layout import RunLayout
 from toolkit.train.distributed import DistEnv
 from toolkit.train.loop import Loaders
 from toolkit.train.split import Split
@@ -80,7 +81,7 @@ class TrainingData:
 
 def open_training_data(cfg: PipelineConfig, run_dir: Path) -> TrainingData:
     """Open the run's dataset and check the config against it; :class:`ConfigError` says what to change."""
-    store = Path(run_dir) / "dataset.zarr"
+    store = RunLayout(run_dir).dataset
     if not store.exists():
         raise ConfigError(f"no dataset at {store}: run `spectrolens prepare` with this run directory first")
     try:

@@ -110,8 +110,8 @@ class Trainer:
         self.energy = energy
         self.output_features = output_features
         self.stop = stop or StopFlag()
-        self.last_path = train_dir / "checkpoints" / "last.pt"
-        self.best_path = train_dir / "best.pt"
+        self.last_path = train_dir / "checkpoints" / "last.pt"  # = RunLayout.last_checkpoint for train_dir = RUN_DIR/train
+        self.best_path = train_dir / "best.pt"  # = RunLayout.best_checkpoint
         self.raw_model = model.to(device)
         # static_graph: the last layer's edge-update parameters never get gradients (its bond features
         # are not read out); the set of used parameters is the same every step, so DDP can skip them.
