@@ -7,8 +7,8 @@ and the first ``--structures / 2`` records of ``mp_structures/mp_structures.json
 neighbour finder (``crystalnn``: the default up to ``analyze.crystalnn_max_materials``; ``cutoff``:
 ``MinimumDistanceNN(tol=0.2)``, the large-dataset mode) it reports
 
-* single process: materials/s over the set and the median seconds per material
-  (``material_descriptors``, one BLAS thread);
+* single process: materials/s over the set and the median seconds per material, overall and per
+  source (study POSCARs, MP records) (``material_descriptors``, one BLAS thread);
 * ``structural_descriptors`` with ``--workers`` spawned processes (the analyze stage's path, block
   cache written to a temporary folder): materials/s including process start-up.
 
@@ -53,8 +53,9 @@ def load_structures(n: int) -> list[tuple[str, object]]:
     return out
 
 
-def single_process(structures: list, coordination: str) -> tuple[float, float, int]:
-    """(materials/s over the set, median s per material, number of materials with failures)."""
+def single_process(structures: list, coordination: str) -> tuple[float, float, int, dict[str, float]]:
+    """(materials/s over the set, median s per material, number of materials with failures,
+    {source ("paper" / "mp"): median s per material})."""
     from threadpoolctl import threadpool_limits
 
     from toolkit.analyze.descriptors import material_descriptors
@@ -67,7 +68,9 @@ def single_process(structures: list, coordination: str) -> tuple[float, float, i
             _, fails = material_descriptors(s, coordination)
             times.append(time.perf_counter() - t0)
             n_fail += bool(fails)
-    return len(times) / sum(times), statistics.median(times), n_fail
+    per_source = {src: statistics.median(t for (label, _), t in zip(structures, times) if label.startswith(src + ":"))
+                  for src in ("paper", "mp") if any(label.startswith(src + ":") for label, _ in structures)}
+    return len(times) / sum(times), statistics.median(times), n_fail, per_source
 
 
 def pooled(structures: list, coordination: str, workers: int) -> float:
@@ -107,10 +110,12 @@ def main() -> int:
               "sources": "paper_structures (first half, alphabetical), mp_structures.jsonl (first records)"}
     rows, rate = [], {}
     for mode in args.modes.split(","):
-        r1, med, n_fail = single_process(structures, mode)
+        r1, med, n_fail, per_source = single_process(structures, mode)
         rate[mode] = r1
         rows.append({"what": f"{mode}: 1 process", "unit": "materials/s", "ours": round(r1, 3)})
         rows.append({"what": f"{mode}: median per material", "unit": "s", "ours": round(med, 4)})
+        for src, m in per_source.items():
+            rows.append({"what": f"{mode}: median per material, {src} structures", "unit": "s", "ours": round(m, 4)})
         rows.append({"what": f"{mode}: materials with a missing descriptor", "unit": "count", "ours": n_fail})
         rows.append({"what": f"{mode}: structural_descriptors, {args.workers} workers", "unit": "materials/s",
                      "ours": round(pooled(structures, mode, args.workers), 3)})

@@ -6,31 +6,64 @@ written atomically, so a killed run resumes where it stopped) and assembled into
 ``RUN_DIR/analyze/descriptors.csv`` plus ``descriptor_failures.csv`` (id, descriptor, reason).
 
 A descriptor that cannot be computed for a material is missing (NaN) with its reason in the
-failures table, never guessed. Families and how they are computed:
+failures table, never guessed. Every name belongs to a named family (:func:`descriptor_family`,
+``FAMILY_OF_PREFIX``; in brackets below). How each is computed:
 
-* ``element:<El>`` (0/1) and ``fraction:<El>`` (atomic fraction) from the composition.
-* ``oxidation:<El><+n>`` of cations: from pymatgen's ``BVAnalyzer`` (bond valence; missing when it
-  fails) in ``crystalnn`` mode; from the charge-balance guess (``Composition.oxi_state_guesses``,
-  cached per reduced formula, 250x cheaper) in the large-dataset ``cutoff`` mode. (Anion states are
-  left out: they are fixed by the anion class.)
-* ``anion:<class>`` from the anion species (negative bond-valence oxidation state, else the most
-  electronegative element when it is O, S, Se, Te, N or a halogen).
-* ``cation_class:<class>`` per cation species; d0/d10/partial_d and lone_pair_p need an oxidation
-  state: bond valence, else pymatgen's charge-balance guess (``Composition.oxi_state_guesses``),
-  else the family is missing.
+* ``element:<El>`` (0/1), ``fraction:<El>`` (atomic fraction) and ``heavy_atom_fraction`` (atomic
+  fraction of elements with Z >= 50) from pymatgen's ``Composition`` [composition].
+* Oxidation states (:mod:`toolkit.analyze.chemistry`): pymatgen's ``BVAnalyzer().get_valences`` (bond
+  valence, per site) in ``crystalnn`` mode; when it fails, and always in the large-dataset ``cutoff``
+  mode, the charge-balance cascade of :func:`toolkit.analyze.chemistry.charge_balance` (pymatgen
+  ``Composition.oxi_state_guesses`` on the reduced formula with its default ICSD/common states; then
+  the doubled formula for a mixed-valence element, the most electronegative element fixed as the only
+  anion; then, with that anion fixed, any positive state pymatgen lists; cached per reduced formula,
+  about 250x cheaper than bond valence). ``oxidation:<El><+n>`` (0/1) lists every cation state
+  found [cation chemistry]; ``oxidation_method:<method>`` (0/1) marks a material whose states came
+  from a fallback (``charge_balance``, ``charge_balance_mixed_valence``,
+  ``charge_balance_all_states``) instead of the mode's own source (bond valence / the first
+  charge-balance step) - provenance, documented as family "other". When every method fails (an
+  element, an intermetallic, a polyiodide, a cluster compound) ``oxidation``, ``cation_class`` and the
+  d-electron counts are missing with every method's reason. (Anion states are left out: they are
+  fixed by the anion class.)
+* ``anion:<class>`` from the anion species (negative oxidation state, else the most electronegative
+  element when it is O, S, Se, Te, N or a halogen); ``electronegativity_diff`` (max - min Pauling
+  electronegativity, pymatgen ``Element.X``) [anion].
+* ``cation_class:<class>`` per cation species and state (:func:`toolkit.analyze.chemistry.cation_classes`):
+  alkali, alkaline_earth, rare_earth from the element; d0 / partial_d / d10 of d-block cations (d count
+  = group - state); d10 also for p-block cations of period >= 4 without valence s/p electrons (Ga3+,
+  In3+, Sn4+, Sb5+...); lone_pair_p for ns2 cations (state = group - 12: Tl+, Sn2+, Pb2+, Sb3+, Bi3+,
+  Se4+, Te4+, I5+...) [cation chemistry].
+* ``d_electrons_mean`` / ``d_electrons_max``: group - oxidation state over the d-block cations (La-Lu and
+  Ac-Lr excluded), site-weighted mean and maximum; 0 when the material has no d-block cation; missing
+  when it has a d-block element but no oxidation state [cation chemistry].
 * Neighbours from ``CrystalNN`` (``coordination="crystalnn"``) or, for very large datasets, the
   minimum-distance rule of pymatgen's ``MinimumDistanceNN(tol=0.2)`` evaluated on one periodic
   neighbour list per structure (``"cutoff"``, :func:`min_distance_edges`; ``"auto"`` switches above
-  ``crystalnn_max_materials``). From the bond arrays, without a loop over bonds: ``cn_mean``
-  (cations), ``coordination:<polyhedron>`` of cations (pymatgen ``LocalStructOrderParams``
-  tet/oct/bcc/tri_plan/sq_plan >= 0.5 with the matching coordination number; linear = two neighbours
-  at >= 160 deg; classified once per symmetry-equivalent class of sites), ``bond_length_mean``/``_min``
-  and ``bond_length:<A>-<B>`` (Å), ``angle_XMX_mean``/``angle_MXM_mean`` (deg).
-* ``density`` (g/cm^3), ``volume_per_atom`` (Å^3), ``spacegroup:<symbol>``, ``crystal_system:<name>``
-  (spglib, symprec 0.1), ``electronegativity_diff`` (max - min Pauling electronegativity).
+  ``crystalnn_max_materials``). From the bond arrays, without a loop over bonds:
+
+  - ``cn_mean`` (cations), ``coordination:<polyhedron>`` of cations (pymatgen
+    ``LocalStructOrderParams`` tet/oct/bcc/tri_plan/sq_plan >= 0.5 with the matching coordination
+    number; linear = two neighbours at >= 160 deg; classified once per symmetry-equivalent class of
+    sites), ``polyhedron_order_mean`` (that order parameter of the assigned polyhedron, (1 - cos)/2
+    for linear, mean over cation sites whose polyhedron is not "other"), ``polyhedron_distortion_mean``
+    (std / mean of each cation polyhedron's bond lengths, mean over cation sites with >= 2
+    neighbours) [coordination];
+  - ``bond_length_mean``/``_min`` and ``bond_length:<A>-<B>`` (Å) [bonds];
+  - ``angle_XMX_mean``/``_std`` (anion-cation-anion) and ``angle_MXM_mean``/``_std``
+    (cation-anion-cation) over every pair of bonds at a site (deg), ``bridge_linear_fraction`` (share
+    of M-X-M angles >= 160 deg) [angles];
+  - ``polyanion:<unit>`` (0/1; e.g. PO4, SO4, SiO4, CO3, BO3, NO3, SeO3, PS4, MoO4, VO4): a B, C, N,
+    Si, Ge, P, As, Sb, S, Se, Te, Cl, Br or I site, or a d0 V/Cr/Mo/W/Mn/Tc/Re site, that is not an
+    anion, has 3 or 4 neighbours, all anion sites (O, S, Se, Te, N, halogen) at short bond lengths
+    (< 1.15 x the sum of pymatgen's ``CovalentRadius``; transition metals < 1.85 Å to O), named by
+    centre + ligands + count (:func:`toolkit.analyze.chemistry.polyanions`); ``polyanion_fraction``:
+    share of the anion sites bound in such a unit (missing without anion sites) [polyanions].
+* ``density`` (g/cm^3), ``volume_per_atom`` (Å^3) [density].
+* ``spacegroup:<symbol>``, ``crystal_system:<name>``, ``centrosymmetric`` (0/1: the point group is a
+  Laue group, ``SpacegroupAnalyzer.is_laue``) from spglib through pymatgen, symprec 0.1 [symmetry].
 * Spectral: ``onset`` (eV), ``edge_integral`` (eV decades), ``peak_1``, ``peak_2`` (eV) of the
   reference spectrum and ``pred:<same>`` of the predicted one, from
-  ``toolkit.data.spectra.spectral_descriptors``.
+  ``toolkit.data.spectra.spectral_descriptors`` [spectral].
 """
 
 from __future__ import annotations
@@ -53,7 +86,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-DESCRIPTOR_VERSION = 3  # bump when a definition changes (invalidates the cache)
+DESCRIPTOR_VERSION = 4  # bump when a definition changes (invalidates the cache)
 BLOCK = 32  # materials per cache block
 
 ANION_CLASS = {"O": "oxide", "S": "sulfide", "Se": "selenide", "Te": "telluride", "N": "nitride",
@@ -64,7 +97,7 @@ CATION_CLASSES = ("alkali", "alkaline_earth", "d0", "d10", "partial_d", "lone_pa
 _LOP = {"tet": (4, "tetrahedral"), "sq_plan": (4, "square_planar"), "oct": (6, "octahedral"),
         "bcc": (8, "cubic"), "tri_plan": (3, "trigonal_planar")}
 CATEGORICAL_FAMILIES = ("element", "anion", "cation_class", "coordination", "spacegroup", "crystal_system",
-                        "oxidation")
+                        "oxidation", "oxidation_method", "polyanion")
 SPECTRAL = ("onset", "edge_integral", "peak_1", "peak_2")
 ZERO_DEFAULT = (*CATEGORICAL_FAMILIES, "fraction")  # families whose absence from a material means 0
 
@@ -74,15 +107,21 @@ def family(name: str) -> str:
     return name.split(":", 1)[0]
 
 
-#: named descriptor families used by every ranking and by the report: prefix -> family
+#: named descriptor families used by every ranking and by the report: prefix -> family (not listed,
+#: hence "other": ``oxidation_method``, the provenance of a material's oxidation states)
 FAMILY_OF_PREFIX: dict[str, str] = {
     "anion": "anion", "electronegativity_diff": "anion",
     "element": "composition", "fraction": "composition",
+    "heavy_atom_fraction": "composition",
     "cation_class": "cation chemistry", "oxidation": "cation chemistry",
+    "d_electrons_mean": "cation chemistry", "d_electrons_max": "cation chemistry",
     "coordination": "coordination", "cn_mean": "coordination",
+    "polyhedron_distortion_mean": "coordination", "polyhedron_order_mean": "coordination",
     "bond_length": "bonds", "bond_length_mean": "bonds", "bond_length_min": "bonds",
-    "angle_XMX_mean": "angles", "angle_MXM_mean": "angles",
-    "spacegroup": "symmetry", "crystal_system": "symmetry",
+    "angle_XMX_mean": "angles", "angle_MXM_mean": "angles", "angle_XMX_std": "angles", "angle_MXM_std": "angles",
+    "bridge_linear_fraction": "angles",
+    "polyanion": "polyanions", "polyanion_fraction": "polyanions",
+    "spacegroup": "symmetry", "crystal_system": "symmetry", "centrosymmetric": "symmetry",
     "density": "density", "volume_per_atom": "density",
 }
 FAMILIES: tuple[str, ...] = ("anion", "cation chemistry", "coordination", "bonds", "angles", "polyanions",
@@ -148,73 +187,57 @@ def structure_from_arrays(numbers: np.ndarray, frac_coords: np.ndarray, lattice:
                      np.asarray(frac_coords, dtype=np.float64))
 
 
-def _oxidation_states(structure, method: str = "bond_valence"
-                      ) -> tuple[dict[str, float] | None, dict[str, float] | None, str | None]:
-    """(states for the ``oxidation:`` family, states for cation classes, reason when the first failed).
+def _oxidation_states(structure, method: str = "bond_valence"):
+    """The structure's :class:`~toolkit.analyze.chemistry.Oxidation`: bond valence (pymatgen
+    ``BVAnalyzer``) then the charge-balance cascade of :func:`toolkit.analyze.chemistry.charge_balance`
+    (``method="bond_valence"``), or the charge-balance cascade alone (``"charge_balance"``, the
+    large-dataset ``cutoff`` mode: cached per reduced formula, about 250x cheaper)."""
+    from toolkit.analyze.chemistry import oxidation_states
 
-    ``bond_valence``: pymatgen's ``BVAnalyzer`` on the structure; when it fails the cation classes
-    fall back to the charge-balance guess. ``charge_balance``: the most probable charge-balanced
-    assignment of the composition (``Composition.oxi_state_guesses``), cached per reduced formula:
-    about 250x cheaper than bond valence, used by the large-dataset ``cutoff`` mode."""
-    formula = structure.composition.reduced_formula
     if method == "charge_balance":
-        guess = _charge_balance(formula)
-        return guess, guess, None if guess is not None else f"charge balance: no assignment balances {formula}"
-    from pymatgen.analysis.bond_valence import BVAnalyzer
-
-    try:
-        val = BVAnalyzer().get_valences(structure)
-        per_el: dict[str, float] = {}
-        for site, v in zip(structure, val):
-            per_el.setdefault(site.specie.symbol, float(v))
-        return per_el, per_el, None
-    except Exception as e:  # BVAnalyzer raises ValueError for non charge-balanced / unknown sites
-        reason = f"BVAnalyzer: {type(e).__name__}: {e}"[:200]
-    return None, _charge_balance(formula), reason
+        _charge_balance(structure.composition.reduced_formula)  # the per-formula cache
+    return oxidation_states(structure, use_bond_valence=method != "charge_balance")
 
 
 @lru_cache(maxsize=65536)
 def _charge_balance(reduced_formula: str) -> dict[str, float] | None:
-    """Most probable charge-balanced oxidation states of a composition, or None."""
-    from pymatgen.core import Composition
+    """Average charge-balanced oxidation state per element of a composition, or None
+    (:func:`toolkit.analyze.chemistry.charge_balance`)."""
+    from toolkit.analyze.chemistry import charge_balance
 
-    try:
-        guesses = Composition(reduced_formula).oxi_state_guesses(max_sites=-50)
-    except Exception:  # noqa: BLE001 - pymatgen raises various errors for exotic compositions
-        guesses = []
-    return {k: float(v) for k, v in guesses[0].items()} if guesses else None
+    guess, _, _ = charge_balance(reduced_formula)
+    return {el: float(np.mean(st)) for el, st in guess.items()} if guess is not None else None
 
 
 def _cation_class(el, oxi: float | None) -> list[str]:
-    out = []
-    if el.is_alkali:
-        out.append("alkali")
-    if el.is_alkaline:
-        out.append("alkaline_earth")
-    if 57 <= el.Z <= 71 or el.symbol in ("Sc", "Y"):
-        out.append("rare_earth")
-    if oxi is not None and el.is_transition_metal and not (57 <= el.Z <= 71 or 89 <= el.Z <= 103):
-        d = el.group - int(round(oxi))
-        out.append("d0" if d == 0 else "d10" if d == 10 else "partial_d" if 0 < d < 10 else "other")
-    elif oxi is not None and el.group in (13, 14, 15, 16, 17) and int(round(oxi)) == el.group - 12 and oxi > 0:
-        out.append("lone_pair_p")
-    if not out:
-        out.append("other")
-    return out
+    from toolkit.analyze.chemistry import cation_classes
+
+    return cation_classes(el, oxi)
 
 
-def _polyhedron(lop, local, cn: int, vecs: np.ndarray) -> str:
+def _polyhedron(lop, local, cn: int, vecs: np.ndarray) -> tuple[str, float]:
+    """(polyhedron, order-parameter value of that polyhedron; NaN for "other"). Linear: two neighbours
+    at >= 160 deg, value (1 - cos angle) / 2 (1 for 180 deg); the others: the best pymatgen
+    ``LocalStructOrderParams`` value >= 0.5 among the types matching the coordination number."""
     if cn == 2:
         u = vecs / np.linalg.norm(vecs, axis=1, keepdims=True)
-        return "linear" if np.degrees(np.arccos(np.clip(u[0] @ u[1], -1, 1))) >= 160 else "other"
+        c = float(np.clip(u[0] @ u[1], -1, 1))
+        return ("linear", (1 - c) / 2) if np.degrees(np.arccos(c)) >= 160 else ("other", np.nan)
     if cn not in (3, 4, 6, 8):
-        return "other"
+        return "other", np.nan
     vals = lop.get_order_parameters(local, 0, indices_neighs=list(range(1, cn + 1)))
     best, name = 0.5, "other"
     for (t, (tcn, poly)), v in zip(_LOP.items(), vals):
         if tcn == cn and v is not None and v >= best:
             best, name = v, poly
-    return name
+    return name, (float(best) if name != "other" else np.nan)
+
+
+#: descriptors computed from the neighbour list (all fail together when the neighbour finder fails)
+NEIGHBOUR_DESCRIPTORS = ("cn_mean", "coordination", "bond_length_mean", "bond_length_min", "bond_length",
+                         "angle_XMX_mean", "angle_MXM_mean", "angle_XMX_std", "angle_MXM_std",
+                         "bridge_linear_fraction", "polyhedron_distortion_mean", "polyhedron_order_mean",
+                         "polyanion", "polyanion_fraction")
 
 
 def material_descriptors(structure, coordination: str = "crystalnn") -> tuple[dict[str, float], list[tuple[str, str]]]:
@@ -222,15 +245,20 @@ def material_descriptors(structure, coordination: str = "crystalnn") -> tuple[di
 
     Returns (values, failures): values maps descriptor name -> float (categorical families list only
     their 1 entries; absent = 0 unless the family failed); failures are (descriptor or family, reason)."""
+    from pymatgen.core import Element
     from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
+
+    from toolkit.analyze.chemistry import d_electrons
 
     vals: dict[str, float] = {}
     fails: list[tuple[str, str]] = []
     comp = structure.composition
     elements = sorted(comp.elements, key=lambda e: e.X if np.isfinite(e.X) else 99)
-    for el, amt in comp.fractional_composition.items():
+    frac = comp.fractional_composition
+    for el, amt in frac.items():
         vals[f"element:{el.symbol}"] = 1.0
         vals[f"fraction:{el.symbol}"] = float(amt)
+    vals["heavy_atom_fraction"] = float(sum(amt for el, amt in frac.items() if el.Z >= 50))
     vals["density"] = float(structure.density)
     vals["volume_per_atom"] = float(structure.volume / len(structure))
     xs = [e.X for e in comp.elements if np.isfinite(e.X)]
@@ -243,48 +271,52 @@ def material_descriptors(structure, coordination: str = "crystalnn") -> tuple[di
         sga = SpacegroupAnalyzer(structure, symprec=0.1)
         vals[f"spacegroup:{sga.get_space_group_symbol()}"] = 1.0
         vals[f"crystal_system:{sga.get_crystal_system()}"] = 1.0
+        vals["centrosymmetric"] = float(sga.is_laue())
         equivalent = np.asarray(sga.get_symmetry_dataset().equivalent_atoms)
     except Exception as e:  # noqa: BLE001 - spglib failures come as several types
-        fails += [("spacegroup", f"spglib: {e}"[:200]), ("crystal_system", f"spglib: {e}"[:200])]
+        fails += [(k, f"spglib: {e}"[:200]) for k in ("spacegroup", "crystal_system", "centrosymmetric")]
 
-    bv, oxi_any, bv_reason = _oxidation_states(structure, "bond_valence" if coordination == "crystalnn" else "charge_balance")
-    if bv is not None:
-        for el, v in bv.items():
-            if v > 0:  # cations only: an anion's state is fixed by its anion class
-                vals[f"oxidation:{el}{int(round(v)):+d}"] = 1.0
+    oxi = _oxidation_states(structure, "bond_valence" if coordination == "crystalnn" else "charge_balance")
+    if oxi.ok:
+        if oxi.method != ("bond_valence" if coordination == "crystalnn" else "charge_balance"):
+            vals[f"oxidation_method:{oxi.method}"] = 1.0  # a fallback, not the mode's own source
+        for el, st in oxi.states.items():
+            for v in sorted(set(st)):
+                if v > 0:  # cations only: an anion's state is fixed by its anion class
+                    vals[f"oxidation:{el}{v:+d}"] = 1.0
+        anions, cations = oxi.anions(), oxi.cations()
     else:
-        fails.append(("oxidation", bv_reason or "no oxidation states"))
-    # anions / cations
-    if oxi_any is not None:
-        anions = {el for el, v in oxi_any.items() if v < 0}
-        cations = {el for el, v in oxi_any.items() if v > 0}
-    else:
+        fails.append(("oxidation", oxi.reason or "no oxidation states"))
         top = elements[-1].symbol if elements else None
         anions = {top} if top in ANION_CLASS and len(elements) > 1 else set()
         cations = {e.symbol for e in elements} - anions
     for el in anions:
         if el in ANION_CLASS:
             vals[f"anion:{ANION_CLASS[el]}"] = 1.0
-    if oxi_any is None:
-        fails.append(("cation_class", f"no oxidation state ({bv_reason}; charge-balance guess found none)"))
+    if not oxi.ok:
+        fails.append(("cation_class", f"no oxidation state ({oxi.reason})"))
     else:
-        from pymatgen.core import Element
-
         for el in cations:
-            for c in _cation_class(Element(el), oxi_any.get(el)):
-                vals[f"cation_class:{c}"] = 1.0
+            for v in sorted(set(oxi.states[el])):
+                if v > 0:
+                    for c in _cation_class(Element(el), v):
+                        vals[f"cation_class:{c}"] = 1.0
+    d = d_electrons(oxi, comp.elements)
+    if isinstance(d, str):
+        fails += [("d_electrons_mean", d), ("d_electrons_max", d)]
+    else:
+        vals["d_electrons_mean"], vals["d_electrons_max"] = d
 
     # neighbours
     try:
         centre, nbr, vecs = neighbour_edges(structure, coordination)
     except Exception as e:  # noqa: BLE001
         reason = f"{coordination} neighbours failed: {type(e).__name__}: {e}"[:200]
-        for name in ("cn_mean", "coordination", "bond_length_mean", "bond_length_min", "bond_length",
-                     "angle_XMX_mean", "angle_MXM_mean"):
-            fails.append((name, reason))
+        fails += [(name, reason) for name in NEIGHBOUR_DESCRIPTORS]
         return vals, fails
     centre_sites = cations if cations else {e.symbol for e in elements}
-    vals.update(_environment(structure, centre, nbr, vecs, centre_sites, anions, cations, equivalent, fails))
+    vals.update(_environment(structure, centre, nbr, vecs, centre_sites, anions, cations, equivalent, fails,
+                             oxi.site))
     return vals, fails
 
 
@@ -353,11 +385,13 @@ def _angles_within(centre: np.ndarray, vecs: np.ndarray) -> np.ndarray:
 
 def _environment(structure, centre: np.ndarray, nbr: np.ndarray, vecs: np.ndarray, centre_sites: set[str],
                  anions: set[str], cations: set[str], equivalent: np.ndarray | None,
-                 fails: list[tuple[str, str]]) -> dict[str, float]:
-    """Coordination, bond-length and bond-angle descriptors from the bond arrays (no loop over
-    bonds; the polyhedron is classified once per symmetry-equivalent class of centre sites)."""
+                 fails: list[tuple[str, str]], site_oxi: np.ndarray | None = None) -> dict[str, float]:
+    """Coordination, bond-length, bond-angle and polyanion descriptors from the bond arrays (no loop
+    over bonds; the polyhedron is classified once per symmetry-equivalent class of centre sites)."""
     from pymatgen.analysis.local_env import LocalStructOrderParams
     from pymatgen.core import Lattice, Structure
+
+    from toolkit.analyze.chemistry import polyanions
 
     vals: dict[str, float] = {}
     syms = np.array([sp.symbol for sp in structure.species])
@@ -384,26 +418,60 @@ def _environment(structure, centre: np.ndarray, nbr: np.ndarray, vecs: np.ndarra
         fails.append(("bond_length_mean", "no neighbours found"))
     xmx = is_centre[centre] & is_anion[nbr]
     mxm = is_anion[centre] & is_cation[nbr]
-    for name, sel, why in (("angle_XMX_mean", xmx, "no cation with two anion neighbours"),
-                           ("angle_MXM_mean", mxm, "no anion with two cation neighbours")):
+    for tag, sel, why in (("XMX", xmx, "no cation with two anion neighbours"),
+                          ("MXM", mxm, "no anion with two cation neighbours")):
         ang = _angles_within(centre[sel], vecs[sel])
         if len(ang):
-            vals[name] = float(np.mean(ang))
+            vals[f"angle_{tag}_mean"] = float(np.mean(ang))
+            vals[f"angle_{tag}_std"] = float(np.std(ang))
+            if tag == "MXM":
+                vals["bridge_linear_fraction"] = float(np.mean(ang >= 160.0))
         else:
-            fails.append((name, why))
+            fails += [(f"angle_{tag}_mean", why), (f"angle_{tag}_std", why)]
+            if tag == "MXM":
+                fails.append(("bridge_linear_fraction", why))
+    # polyhedron distortion: bond-length spread std/mean per centre site with >= 2 neighbours
+    poly = is_centre & (deg >= 2)
+    if poly.any():
+        on = poly[centre]
+        k = np.bincount(centre[on], minlength=n)[poly]
+        s1 = np.bincount(centre[on], weights=dist[on], minlength=n)[poly]
+        s2 = np.bincount(centre[on], weights=dist[on] ** 2, minlength=n)[poly]
+        mean = s1 / k
+        std = np.sqrt(np.maximum(s2 / k - mean ** 2, 0.0))
+        vals["polyhedron_distortion_mean"] = float(np.mean(std / mean))
+    else:
+        fails.append(("polyhedron_distortion_mean", "no cation site with two or more neighbours"))
     # polyhedra: one representative per symmetry-equivalent class of centre sites with neighbours
     cls = equivalent if equivalent is not None and len(equivalent) == n else np.arange(n)
     sites = np.flatnonzero(is_centre & (deg > 0))
-    _, rep = np.unique(cls[sites], return_index=True)
+    _, rep, mult = np.unique(cls[sites], return_index=True, return_counts=True)
+    orders, weights = [], []
     if len(rep):
         lop = LocalStructOrderParams(list(_LOP))
         box = Lattice.cubic(100.0)
-        for i in sites[rep]:
+        for i, m in zip(sites[rep], mult):
             own = centre == i
             v = vecs[own]
             local = Structure(box, [syms[i], *syms[nbr[own]]], np.vstack([[50.0, 50.0, 50.0], 50.0 + v]),
                               coords_are_cartesian=True)
-            vals[f"coordination:{_polyhedron(lop, local, len(v), v)}"] = 1.0
+            name, order = _polyhedron(lop, local, len(v), v)
+            vals[f"coordination:{name}"] = 1.0
+            if np.isfinite(order):
+                orders.append(order)
+                weights.append(m)
+    if orders:
+        vals["polyhedron_order_mean"] = float(np.average(orders, weights=weights))
+    else:
+        fails.append(("polyhedron_order_mean", "no cation polyhedron matches a reference shape (all 'other')"))
+    # polyanion units
+    units, anion_sites, bound = polyanions(syms, centre, nbr, dist, anions, site_oxi)
+    for name in units:
+        vals[f"polyanion:{name}"] = 1.0
+    if anion_sites.any():
+        vals["polyanion_fraction"] = float(bound[anion_sites].mean())
+    else:
+        fails.append(("polyanion_fraction", "no anion site"))
     return vals
 
 
