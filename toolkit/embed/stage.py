@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 
 NAME = "embed"
 UNIT = "shard"
+PRELOAD = ("torch", "zarr", "toolkit.model")  # imported once by the local workers' fork server
 Error = EmbedError
 
 

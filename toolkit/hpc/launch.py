@@ -26,7 +26,7 @@ from pathlib import Path
 from toolkit import sharded
 from toolkit.config import PipelineConfig, dump_config, record_run
 from toolkit.hpc import stages as st
-from toolkit.layout import RunLayout
+from toolkit.layout import STAGES, RunLayout
 from toolkit.runtime import MALLOC_ENV, mpi_world, tail, write_text
 
 log = logging.getLogger("spectrolens.launch")
@@ -60,11 +60,11 @@ def _run_local(stage: str, mod, cfg: PipelineConfig, run_dir: Path, n_workers: i
     from tqdm import tqdm
 
     record_run(cfg, run_dir, mod.NAME)
+    if mod.NAME in STAGES and RunLayout(run_dir).is_complete(mod.NAME):
+        log.info("%s: %s is complete; nothing to do", mod.NAME, run_dir)
+        return st.finalize(stage, cfg, run_dir)
     n = sharded.plan_once(stage, cfg, run_dir)  # here, so a refused config fails before any worker starts
     done = len(sharded.done_units(stage, run_dir, n))
-    if done == n:
-        log.info("%s: every %s in %s is done; finalizing (a no-op when complete)", mod.NAME, mod.UNIT, run_dir)
-        return st.finalize(stage, cfg, run_dir)
     workers = max(1, min(n_workers or mod.workers(cfg), max(1, n - done)))
     log.info("%s: %d of %d %ss to build with %d workers", mod.NAME, n - done, n, mod.UNIT, workers)
     procs = start_workers(stage, cfg, run_dir, workers, gpu=mod.device(cfg) != "cpu")
@@ -78,15 +78,24 @@ def _run_local(stage: str, mod, cfg: PipelineConfig, run_dir: Path, n_workers: i
                     break
                 time.sleep(0.2)
         except BaseException:  # Ctrl-C / SIGTERM of the driver: stop the workers; finished units are kept
-            for p, _ in procs:
-                if p.poll() is None:
-                    p.terminate()
+            _stop(procs)
             raise
     failed = [(t, p.returncode, lf) for t, (p, lf) in enumerate(procs) if p.returncode != 0]
     if failed:
         msg = "; ".join(f"worker {t} exited with {rc} (log {lf}):\n{tail(lf, 15)}" for t, rc, lf in failed)
         raise mod.Error(f"{mod.NAME} workers failed; finished {mod.UNIT}s are kept, re-run to do the rest. {msg}")
     return st.finalize(stage, cfg, run_dir)
+
+
+def _stop(procs: list[tuple[Worker, Path]]) -> None:
+    for p, _ in procs:
+        if p.poll() is None:
+            p.terminate()
+    for p, _ in procs:
+        try:
+            p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            p.kill()
 
 
 def worker_env(n_workers: int, task: int, gpu: bool) -> dict[str, str]:
@@ -105,27 +114,106 @@ def worker_env(n_workers: int, task: int, gpu: bool) -> dict[str, str]:
 
 
 def worker_command(stage: str, config_file: Path, run_dir: Path, task: int, n_tasks: int) -> list[str]:
-    """Command line of one local worker process: this interpreter, so a driver running inside a
-    container (the local executor wraps the stage command) starts its workers in the same container."""
-    return [sys.executable, "-m", "toolkit.hpc.worker", "--stage", stage, "--config", str(config_file),
-            "--run-dir", str(run_dir), "--task", str(task), "--tasks", str(n_tasks)]
+    """Command line of one worker (``python -m toolkit.hpc.worker ...``, for running a task by hand);
+    :func:`start_workers` runs the same ``main`` in forked processes."""
+    return [sys.executable, "-m", "toolkit.hpc.worker", *_worker_argv(stage, config_file, run_dir, task, n_tasks)]
 
 
-def start_workers(stage: str, cfg: PipelineConfig, run_dir: Path, n_tasks: int,
-                  gpu: bool = False) -> list[tuple[subprocess.Popen, Path]]:
-    """Start ``n_tasks`` worker processes, worker ``t``'s output in ``logs/<stage>/worker-<t>.log``."""
-    name = sharded.resolve(stage).NAME
-    logs = RunLayout(run_dir).logs(name)
+def _worker_argv(stage: str, config_file: Path, run_dir: Path, task: int, n_tasks: int) -> list[str]:
+    return ["--stage", stage, "--config", str(config_file), "--run-dir", str(run_dir), "--task", str(task),
+            "--tasks", str(n_tasks)]
+
+
+class Worker:
+    """One local worker process (Popen-like: ``poll``, ``returncode``, ``terminate``, ``wait``, ``kill``)."""
+
+    def __init__(self, proc) -> None:
+        self.proc = proc
+
+    def poll(self) -> int | None:
+        return None if self.proc.is_alive() else self.returncode
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.exitcode
+
+    def terminate(self) -> None:
+        self.proc.terminate()
+
+    def kill(self) -> None:
+        self.proc.kill()
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        self.proc.join(timeout)
+        if self.proc.is_alive():
+            raise subprocess.TimeoutExpired("worker", timeout or 0)
+        return self.returncode
+
+
+def _context(mod):
+    """forkserver with the stage's heavy imports preloaded once (workers start warm, a fork each; the
+    server is single-threaded, so no thread state is forked), else spawn."""
+    import multiprocessing as mp
+
+    if "forkserver" not in mp.get_all_start_methods():
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["toolkit.hpc.worker", mod.__name__, *getattr(mod, "PRELOAD", ())])
+    return ctx
+
+
+def _child(argv: list[str], log_file: str, env: dict[str, str], cwd: str) -> None:
+    """Body of a forked worker: output to its log file (tracebacks included), the driver's environment,
+    working directory and import path as ``python -m`` would have them, then the worker's ``main``."""
+    fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
+    sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(cwd)
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    if "torch" in sys.modules and env.get("OMP_NUM_THREADS", "").isdigit():
+        sys.modules["torch"].set_num_threads(int(env["OMP_NUM_THREADS"]))
+    from toolkit.hpc import worker
+
+    rc = 1
+    try:
+        rc = worker.main(argv)
+    except SystemExit as e:
+        rc = e.code if isinstance(e.code, int) else 1
+    except BaseException:  # noqa: BLE001 - the traceback goes to the worker's log; the driver reports it
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(rc)
+
+
+def start_workers(stage: str, cfg: PipelineConfig, run_dir: Path, n_tasks: int, gpu: bool = False) -> list[tuple[Worker, Path]]:
+    """Start ``n_tasks`` worker processes (task ``t`` of ``n_tasks``: :func:`toolkit.hpc.stages.array_task`,
+    exactly what a SLURM array task runs), worker ``t``'s whole output in ``logs/<stage>/worker-<t>.log``."""
+    mod = sharded.resolve(stage)
+    logs = RunLayout(run_dir).logs(mod.NAME)
     logs.mkdir(parents=True, exist_ok=True)
     config_file = logs / f"config.{os.getpid()}.yaml"
     write_text(config_file, dump_config(cfg))
+    for k, v in MALLOC_ENV.items():  # read by glibc when the fork server starts; workers inherit it
+        os.environ.setdefault(k, v)
+    ctx = _context(mod)
     procs = []
     for t in range(n_tasks):
         log_file = logs / f"worker-{t}.log"
-        with open(log_file, "ab") as fh:
-            procs.append((subprocess.Popen(worker_command(stage, config_file, run_dir, t, n_tasks),
-                                           stdout=fh, stderr=subprocess.STDOUT, env=worker_env(n_tasks, t, gpu)),
-                          log_file))
+        p = ctx.Process(target=_child, name=f"{mod.NAME}-worker-{t}",
+                        args=(_worker_argv(stage, config_file, run_dir, t, n_tasks), str(log_file),
+                              worker_env(n_tasks, t, gpu), os.getcwd()))
+        p.start()
+        procs.append((Worker(p), log_file))
     return procs
 
 
