@@ -112,8 +112,9 @@ def test_write_layer_figures_writes_every_figure(layers, tmp_path):
 
 LAYER_KEYS = {"clustering", "linkage_file", "coverage", "n_tests", "tested", "aliases", "ami_reference",
               "ami_predicted", "surrogate", "clusters"}
+# "hierarchy" and "drivers" were added with the explained Ward tree and the driver ranking (deliberate)
 TOP_KEYS = {"format", "version", "run_dir", "generated", "n_materials", "config", "energy_subsample", "descriptors",
-            "layers", "global_importance", "layer_comparison", "probes", "benchmark_recovery"}
+            "layers", "global_importance", "layer_comparison", "probes", "benchmark_recovery", "hierarchy", "drivers"}
 
 
 def test_assemble_attribution_keys_and_ami(layers):
@@ -132,12 +133,22 @@ def test_assemble_attribution_keys_and_ami(layers):
         assert L["aliases"] == {PLANTED: ["element:Te"]} and L["tested"] == layers.names
         assert sum(c["size"] for c in L["clusters"].values()) == lr.coverage
         for c, cl in L["clusters"].items():
-            assert set(cl) == {"size", "members", "summary", "spectral", "descriptors"}
+            # "node" (the cluster's Ward tree node) and "path" (its taxonomy) added deliberately
+            assert set(cl) == {"size", "members", "summary", "spectral", "descriptors", "node", "path"}
             assert cl["members"] == [i for i, lab in zip(lr.member_ids, lr.clustering.labels) if lab == int(c)]
             assert len(cl["spectral"]["reference"]["mean"]) == res["energy_subsample"]["n"]
             top = cl["descriptors"][0]
             assert {"descriptor", "test", "p", "q", "effect", "in_cluster", "rest", "n_in", "n_rest", "aliases"} <= set(top)
         assert L["ami_predicted"] is None  # no predicted-spectra clustering
+        # the explained tree: the default level is the clusters' nodes, every cluster has a taxonomy path
+        H = res["hierarchy"][lr.name]
+        default = next(v for v in H["levels"] if v["default"])
+        assert default["k"] == K and default["nodes"] == [cl["node"] for cl in L["clusters"].values()]
+        assert default["sizes"] == [cl["size"] for cl in L["clusters"].values()]
+        assert H["splits"] and H["splits"][0]["size"] == lr.coverage and set(H["paths"]) == set(L["clusters"])
+        top = {c: cl["descriptors"][0] for c, cl in L["clusters"].items()}
+        planted = [c for c, d in top.items() if d["descriptor"] == PLANTED and d["effect"] > 0]
+        assert len(planted) == 1 and "tellurides" in L["clusters"][planted[0]]["path"]
     # AMI with the reference clustering on the rows both cover
     both = slice(0, HAS_SPEC)
     expect = adjusted_mutual_info_score(ref.labels[both], blobs.labels[both])
@@ -146,9 +157,11 @@ def test_assemble_attribution_keys_and_ami(layers):
     assert res["layer_comparison"] == {"ami_vs_reference": {"blobs": pytest.approx(expect), steps.REFERENCE: 1.0},
                                        "ami_vs_predicted": {}}
     assert res["global_importance"] and next(iter(res["global_importance"])) == PLANTED
-    rec = res["benchmark_recovery"]
+    rec = res["benchmark_recovery"]["precision_at_3"]
+    assert res["benchmark_recovery"]["summary"]
     assert rec["drivers"] == ["anion:*", "cn_mean"] and set(rec["per_layer"]) == {"blobs", steps.REFERENCE}
     assert steps.assemble_attribution(layers.cfg, inp, [blobs], layers.names, layers.aliases)["benchmark_recovery"] is None
+    assert res["drivers"] is None  # computed by the orchestration (analyze_inputs), passed in
 
 
 def test_assemble_attribution_ami_from_given_labels(layers):

@@ -26,7 +26,8 @@ from toolkit.hpc import launch, pipeline
 REPO = Path(__file__).resolve().parents[1]
 FAKE = "tests.fake_stage"
 STAGE_MODULES = ["toolkit.data.prepare", "toolkit.train", "toolkit.embed", "toolkit.embed.stage", "toolkit.analyze",
-                 "toolkit.sharded", "toolkit.runtime", "toolkit.layout", "toolkit.config", "toolkit.data.readers"]
+                 "toolkit.sharded", "toolkit.runtime", "toolkit.layout", "toolkit.config", "toolkit.data.readers",
+                 "toolkit.explain.stage"]
 
 
 @pytest.mark.parametrize("module", STAGE_MODULES)

@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
             (["--verify"], dict(action="store_true", help="report missing / non-finite rows; non-zero exit if any")),
             (["--shard"], dict(type=int, default=None, help="extract only this shard (array-task use)"))]),
         "analyze": ("cluster embeddings, attribute descriptors, write the report", []),
+        "explain": ("counterfactual probes and atom/bond/angle attributions through the trained model", [
+            (["--shard"], dict(type=int, default=None, help="only this shard (array-task use)"))]),
     }
     for name, (text, extra) in stage_args.items():
         p = sub.add_parser(name, help=text)
@@ -53,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", "-r", type=Path, default=None)
     p.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--executor", choices=["local", "slurm"], default=None, help="default: executor.kind")
-    p.add_argument("--stages", default="prepare,train,embed,analyze", help="comma-separated subset")
+    p.add_argument("--stages", default="prepare,train,embed,analyze",
+                   help="comma-separated stages (prepare, train, embed, analyze, explain); explain is opt-in")
     p.add_argument("--no-wait", action="store_true", help="slurm: submit and return")
 
     p = sub.add_parser("status", help="show each stage and array task of a run from SLURM accounting")
@@ -94,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     cmd = args.command
-    if cmd in ("prepare", "embed"):
+    if cmd in ("prepare", "embed", "explain"):
         cfg = _load(args)
         from toolkit.hpc import launch
 

@@ -26,7 +26,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
 from toolkit.errors import SpectrolensError
 
-SourceKind = Literal["benchmark", "alignn", "jsonl", "vasp", "jarvis", "refractiveindex"]
+SourceKind = Literal["benchmark", "realbench", "alignn", "jsonl", "vasp", "jarvis", "refractiveindex"]
 
 
 class _Section(BaseModel):
@@ -59,11 +59,21 @@ class BenchmarkConfig(_Section):
     noise: float = Field(0.05, ge=0.0, description="std of additive noise on log10(alpha)")
 
 
+class RealBenchConfig(_Section):
+    """The real-structure benchmark: real crystal structures, spectra from planted rules (docs/benchmark.md)."""
+
+    mp: bool = Field(True, description="use the Materials Project structures shipped with the package")
+    paths: list[Path] = Field(default_factory=list, description="folders of POSCAR files to add (read in place)")
+    max_materials: int | None = Field(None, ge=1, description="keep only the first N structures (scan order)")
+    seed: int = 0
+    noise: float = Field(0.05, ge=0.0, description="std of additive noise on log10(alpha)")
+
+
 class DataConfig(_Section):
     """`spectrolens prepare`: read a source into the canonical on-disk dataset."""
 
     source: SourceKind = "benchmark"
-    path: Path | None = Field(None, description="file or folder of the source (not used by 'benchmark')")
+    path: Path | None = Field(None, description="file or folder of the source (not used by 'benchmark', 'realbench')")
     id_prop: str = Field("id_prop.csv", description="ALIGNN folders: name of the target table")
     grid: GridConfig = GridConfig()
     transform: Literal["log10_alpha", "alpha"] = "log10_alpha"
@@ -77,6 +87,7 @@ class DataConfig(_Section):
     structures: Path | None = Field(
         None, description="refractiveindex: JSONL of structures paired with the reference spectra by reduced formula")
     benchmark: BenchmarkConfig = BenchmarkConfig()
+    realbench: RealBenchConfig = RealBenchConfig()
     shard_size: int = Field(256, ge=1, description="materials per store part (one part = one writer's unit)")
     workers: int = Field(2, ge=1, description="local worker processes")
 
@@ -89,8 +100,8 @@ class DataConfig(_Section):
 
     @model_validator(mode="after")
     def _path_required(self) -> "DataConfig":
-        """Every source but the embedded benchmark and JARVIS (downloaded to cache_dir) reads data.path."""
-        if self.source not in ("benchmark", "jarvis") and self.path is None:
+        """Every source but the embedded benchmarks and JARVIS (downloaded to cache_dir) reads data.path."""
+        if self.source not in ("benchmark", "realbench", "jarvis") and self.path is None:
             raise ValueError(f"data.source={self.source!r} needs data.path (the file or folder to read)")
         return self
 
@@ -189,8 +200,18 @@ class AnalyzeConfig(_Section):
     layers: list[str] | None = Field(None, description="layer names, plus 'spectrum_reference' / "
                                      "'spectrum_predicted' baselines; default: every captured layer + both baselines")
     pooling: Literal["mean", "max", "sum"] = "mean"
-    n_clusters: int | Literal["auto"] = Field("auto", description="auto: best mean silhouette over 2..max_clusters")
-    max_clusters: int = Field(20, ge=2)
+    n_clusters: int | Literal["size", "auto"] = Field(
+        "size", description="clusters of each layer's default level: 'size' (default): round(N / target_cluster_size) "
+        "clipped to [2, max_clusters]; 'auto': best mean silhouette over 2..max_clusters; or a number")
+    target_cluster_size: int = Field(25, ge=2, description="n_clusters='size': materials per cluster people read "
+                                     "(the study: 100 clusters for 2,681 materials, ~27 each)")
+    max_clusters: int = Field(100, ge=2, description="upper bound of k ('size' and 'auto')")
+    levels: list[int] | None = Field(None, description="extra resolutions (numbers of clusters) reported in "
+                                     "attribution.json hierarchy.<layer>.levels besides the default level, e.g. [5, 20, 100]")
+    min_split_size: int = Field(10, ge=2, description="the Ward tree is explained top-down at every split whose "
+                                "two children each hold at least this many materials")
+    max_splits: int = Field(500, ge=1, description="at most this many splits explained per layer (largest first)")
+    drivers: bool = Field(True, description="rank the drivers of each spectral feature (attribution.json 'drivers')")
     standardize: bool = True
     pca_components: int | None = Field(None, ge=1)
     scalable_threshold: int = Field(20_000, ge=100, description="above this many materials use micro-cluster Ward "
@@ -205,6 +226,39 @@ class AnalyzeConfig(_Section):
     probe_folds: int = Field(5, ge=2)
     workers: int = Field(2, ge=1)
     seed: int = 0
+
+
+class ExplainConfig(_Section):
+    """`spectrolens explain`: counterfactual probes and atom/bond/angle attributions through the trained
+    model (docs/explain.md)."""
+
+    edits: list[Literal["cation_substitution", "anion_substitution", "strain", "shell_strain", "polyanion_centre"]] = \
+        ["cation_substitution", "anion_substitution", "strain", "shell_strain", "polyanion_centre"]
+    strains: list[float] = Field([-0.04, -0.02, 0.02, 0.04], description="uniform cell strains")
+    shell_strains: list[float] = Field([-0.04, 0.04], description="strains of one cation's first shell")
+    rescale: bool = Field(True, description="substitutions: rescale the lattice by the ionic-radius ratio")
+    max_same_family: int = Field(2, ge=0, description="substitutes per cation from its own group")
+    max_other_family: int = Field(2, ge=0, description="substitutes per cation from other groups (same charge)")
+    per_cluster: int | None = Field(20, ge=1, description="materials sampled per cluster (analyze/clusters.csv)")
+    cluster_layer: str | None = Field(None, description="clusters of this layer (default: the last column)")
+    sample_size: int | None = Field(200, ge=1, description="materials sampled when there are no clusters")
+    seed: int = 0
+    shard_size: int = Field(32, ge=1, description="materials per shard (one worker's unit)")
+    batch_size: int = Field(32, ge=1)
+    attribution: bool = Field(True, description="integrated-gradients attributions to atoms, bonds, angles")
+    attribution_target: Literal["window", "onset", "edge_integral"] = "window"
+    energy_window: tuple[float, float] | None = Field(None, description="eV; default: around each onset")
+    window_half_width: float = Field(0.5, gt=0)
+    ig_steps: int = Field(32, ge=2)
+    representatives: int = Field(2, ge=0, description="materials per cluster with per-atom attributions stored")
+    bond_bin: float = Field(0.5, gt=0, description="Å")
+    angle_bin: float = Field(15.0, gt=0, description="degrees")
+    reference_size: int = Field(2000, ge=2, description="training materials used for the extrapolation distance")
+    extrapolation_factor: float = Field(2.0, gt=0, description="flag edits farther than this x the typical distance")
+    min_distance: float | None = Field(None, gt=0, description="default: data.min_distance")
+    checkpoint: Path | None = Field(None, description="default: embed.checkpoint or <run_dir>/train/best.pt")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    workers: int = Field(1, ge=1, description="local worker processes")
 
 
 class StageResources(_Section):
@@ -235,6 +289,7 @@ class ExecutorConfig(_Section):
     train: StageResources = StageResources()
     embed: StageResources = StageResources()
     analyze: StageResources = StageResources()
+    explain: StageResources = StageResources()
 
 
 class ContainerConfig(_Section):
@@ -254,6 +309,7 @@ class PipelineConfig(_Section):
     train: TrainConfig = TrainConfig()
     embed: EmbedConfig = EmbedConfig()
     analyze: AnalyzeConfig = AnalyzeConfig()
+    explain: ExplainConfig = ExplainConfig()
     executor: ExecutorConfig = ExecutorConfig()
     container: ContainerConfig = ContainerConfig()
 
@@ -279,7 +335,8 @@ class PipelineConfig(_Section):
 
 
 #: the stage seeds a top-level ``seed`` fills in
-SEEDED: tuple[tuple[str, ...], ...] = (("data", "benchmark", "seed"), ("train", "seed"), ("analyze", "seed"))
+SEEDED: tuple[tuple[str, ...], ...] = (("data", "benchmark", "seed"), ("data", "realbench", "seed"), ("train", "seed"),
+                                       ("analyze", "seed"), ("explain", "seed"))
 
 
 class ConfigError(SpectrolensError, ValueError):
@@ -389,8 +446,8 @@ def record_run(cfg: PipelineConfig, run_dir: Path, stage: str | None = None) -> 
             "git_revision": _git_revision(),
             "python": sys.version.split()[0],
             "platform": platform.platform(),
-            "seeds": {"pipeline": cfg.seed, "benchmark": cfg.data.benchmark.seed, "train": cfg.train.seed,
-                      "analyze": cfg.analyze.seed},
+            "seeds": {"pipeline": cfg.seed, "benchmark": cfg.data.benchmark.seed, "realbench": cfg.data.realbench.seed,
+                      "train": cfg.train.seed, "analyze": cfg.analyze.seed},
         })
         if stage:
             info.setdefault("stages", {})[stage] = {"host": platform.node(), "pid": os.getpid()}

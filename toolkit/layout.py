@@ -23,7 +23,9 @@ import json
 import os
 from pathlib import Path
 
-STAGES: tuple[str, ...] = ("prepare", "train", "embed", "analyze")
+STAGES: tuple[str, ...] = ("prepare", "train", "embed", "analyze", "explain")
+#: what `spectrolens run` does without --stages (explain is opt-in: it runs the model on many edited structures)
+DEFAULT_STAGES: tuple[str, ...] = ("prepare", "train", "embed", "analyze")
 
 
 def zarr_complete(store: Path) -> bool:
@@ -55,6 +57,9 @@ class RunLayout:
         self.analyze_dir = r / "analyze"
         self.attribution = self.analyze_dir / "attribution.json"
         self.report = self.analyze_dir / "report" / "index.html"
+        # explain (counterfactual probes, attributions)
+        self.explain_dir = r / "explain"
+        self.explain_summary = self.explain_dir / "summary.json"
 
     def __repr__(self) -> str:
         return f"RunLayout({str(self.root)!r})"
@@ -82,4 +87,9 @@ class RunLayout:
             return zarr_complete(self.embeddings)
         if stage == "analyze":
             return self.attribution.is_file() and self.report.is_file()
+        if stage == "explain":
+            try:
+                return json.loads(self.explain_summary.read_text()).get("complete") is True
+            except (OSError, ValueError):
+                return False
         raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")

@@ -43,7 +43,8 @@ from toolkit.runtime import FileLock
 log = logging.getLogger(__name__)
 
 #: stage name -> module implementing the contract (a dotted module path also works: plug-in stages)
-SHARDED: dict[str, str] = {"prepare": "toolkit.data.prepare", "embed": "toolkit.embed.stage"}
+SHARDED: dict[str, str] = {"prepare": "toolkit.data.prepare", "embed": "toolkit.embed.stage",
+                           "explain": "toolkit.explain.stage"}
 _REQUIRED = ("NAME", "UNIT", "Error", "plan", "unit_done", "run_units", "finalize", "workers", "device")
 CLAIM_CHUNK = 64  # units claimed (locks held) at a time by one task
 

@@ -1,7 +1,8 @@
 """`spectrolens analyze`: descriptors -> Ward clusters per layer -> attribution -> probes -> report.
 
 ``run(cfg, run_dir)`` reads ``RUN_DIR/dataset.zarr`` and (when present) ``RUN_DIR/embeddings.zarr``
-and writes ``RUN_DIR/analyze/``: attribution.json (schema: docs/report.md), clusters.csv,
+and writes ``RUN_DIR/analyze/``: attribution.json (schema: docs/report.md; clusters at the default
+level, the explained Ward tree ``hierarchy`` and the ``drivers`` of each spectral feature), clusters.csv,
 descriptors.csv, descriptor_failures.csv, linkage/<layer>.npy, figures/*.png|svg and
 report/index.html. Without an embeddings store only the reference-spectra baseline is analysed.
 
@@ -204,7 +205,15 @@ def analyze_inputs(cfg, inp: Inputs) -> dict[str, Any]:
         results.append(lr)
         _write_linkage(out / "linkage", lr)
         figures[name] = write_layer_figures(lr, inp.energy, onset, figdir)
-    result = assemble_attribution(cfg, inp, results, names, aliases, truth=inp.reader.attrs.get("benchmark_truth"))
+    drivers = None
+    if cfg.analyze.drivers:
+        from toolkit.analyze.drivers import rank_drivers
+
+        t1 = time.time()
+        drivers = rank_drivers(inp.table, names, seed=cfg.analyze.seed, max_rows=FIT_MAX)
+        log.info("analyze: drivers of %d spectral features in %.1f s", len(drivers), time.time() - t1)
+    result = assemble_attribution(cfg, inp, results, names, aliases, truth=inp.reader.attrs.get("benchmark_truth"),
+                                  drivers=drivers)
     figures["_global"] = write_comparison_figure(result["layer_comparison"]["ami_vs_reference"], result["probes"], figdir)
     write_json(layout.attribution, result)
     _write_clusters(out / "clusters.csv", inp.ids, inp.reader, inp.rows, {lr.name: lr.labels for lr in results})

@@ -18,9 +18,16 @@ centroids instead of a stored distance matrix. With every weight equal to 1 it r
 ``scipy.cluster.hierarchy.ward`` (tested). The linkage of the scalable mode is over micro-clusters
 (leaves = micro-clusters, column 3 = number of materials), see ``ClusterResult.leaf_of``.
 
-The number of clusters is either given or chosen by the mean silhouette score (Euclidean, on the
-prepared features of at most ``silhouette_sample`` materials) over k = 2..max_clusters; ties go to
-the larger k.
+The number of clusters is given, follows from a target cluster size (``"size"``: k = round(N /
+target_cluster_size) clipped to [2, max_clusters], the default of the analyze stage: clusters of the
+size people read, ~25 materials, as the study's 100 clusters of 2,681 materials), or is chosen by the
+mean silhouette score (``"auto"``; Euclidean, on the prepared features of at most
+``silhouette_sample`` materials) over k = 2..max_clusters; ties go to the larger k.
+
+A cut at k is a set of k tree nodes (:func:`cut_nodes`: the children of the last k-1 merges that
+are not themselves among them); cluster c is the subtree of ``ClusterResult.nodes[c]`` and clusters
+are numbered in the dendrogram's leaf order (:func:`leaf_order`), so every cluster is a node of the
+Ward tree that :mod:`toolkit.analyze.hierarchy` explains.
 """
 
 from __future__ import annotations
@@ -58,6 +65,7 @@ class ClusterResult:
     scores: dict[int, float] = field(default_factory=dict)
     coords: np.ndarray | None = None
     preprocessing: dict[str, Any] = field(default_factory=dict)
+    nodes: list[int] = field(default_factory=list)  # tree node (scipy id) of each cluster 0..k-1
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready description (no per-material arrays)."""
@@ -266,6 +274,52 @@ def _group_sum(lab: np.ndarray, blk: np.ndarray, k: int) -> np.ndarray:
     return np.asarray(ind @ blk.astype(np.float64))
 
 
+# ---------------------------------------------------------------- cuts of the tree
+def leaf_order(z: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Dendrogram leaf order of linkage ``z`` over L leaves: (order (L,) leaf ids left to right,
+    start (2L-1,), stop (2L-1,)): node i covers the leaves ``order[start[i]:stop[i]]`` (scipy node
+    ids: leaves 0..L-1, merge j is node L+j)."""
+    from scipy.cluster.hierarchy import leaves_list
+
+    m = z.shape[0] + 1
+    order = leaves_list(z)
+    start = np.empty(2 * m - 1, dtype=np.int64)
+    stop = np.empty(2 * m - 1, dtype=np.int64)
+    start[order] = np.arange(m)
+    stop[:m] = start[:m] + 1
+    a, b = z[:, 0].astype(np.int64), z[:, 1].astype(np.int64)
+    for j in range(m - 1):  # children precede their parent
+        start[m + j] = min(start[a[j]], start[b[j]])
+        stop[m + j] = max(stop[a[j]], stop[b[j]])
+    return order, start, stop
+
+
+def cut_nodes(z: np.ndarray, k: int) -> list[int]:
+    """The k tree nodes of the cut into k clusters (children of the last k-1 merges that are not
+    merges among them), in dendrogram leaf order. ``k`` is clipped to [1, L]."""
+    m = z.shape[0] + 1
+    k = max(1, min(int(k), m))
+    top = set(range(2 * m - k, 2 * m - 1))  # the last k-1 merges
+    nodes = [int(c) for j in range(m - k, m - 1) for c in z[j, :2] if int(c) not in top] if k > 1 else [2 * m - 2]
+    _, start, _ = leaf_order(z)
+    return sorted(nodes, key=lambda n: start[n])
+
+
+def leaf_labels(z: np.ndarray, nodes: list[int]) -> np.ndarray:
+    """(L,) int32 label of every leaf: the index in ``nodes`` of the node containing it."""
+    order, start, stop = leaf_order(z)
+    lab = np.full(z.shape[0] + 1, -1, dtype=np.int32)
+    for c, nd in enumerate(nodes):
+        lab[order[start[nd]:stop[nd]]] = c
+    return lab
+
+
+def size_k(n: int, target: int, max_clusters: int, n_leaves: int | None = None) -> int:
+    """k of the ``"size"`` rule: round(n / target) clipped to [2, max_clusters] (and to the leaves)."""
+    k = int(np.clip(int(round(n / max(1, target))), 2, max(2, max_clusters)))
+    return min(k, n_leaves) if n_leaves else k
+
+
 # ---------------------------------------------------------------- the interface
 def _cut(z: np.ndarray, k: int) -> np.ndarray:
     return (fcluster(z, t=k, criterion="maxclust") - 1).astype(np.int32)
@@ -290,8 +344,11 @@ def choose_k(z: np.ndarray, leaf_of: np.ndarray, feats_sample: np.ndarray, rows:
 
 def cluster(x: Any, n_clusters: int | str = "auto", max_clusters: int = 20, standardize: bool = True,
             pca_components: int | None = None, scalable_threshold: int = 20_000, n_micro: int = 2000,
-            seed: int = 0, silhouette_sample: int = 3000, threads: int | None = None) -> ClusterResult:
-    """Cluster the rows of ``x`` (N, H) (float32 array-like; NaN = missing, imputed) with Ward.
+            seed: int = 0, silhouette_sample: int = 3000, threads: int | None = None,
+            target_cluster_size: int = 25) -> ClusterResult:
+    """Cluster the rows of ``x`` (N, H) (float32 array-like; NaN = missing, imputed) with Ward;
+    ``n_clusters``: a number, ``"size"`` (round(N / target_cluster_size) in [2, max_clusters]) or
+    ``"auto"`` (silhouette).
 
     ``threads`` caps BLAS/OpenMP threads of the k-means step (None: the libraries' default). On a
     shared, oversubscribed node threaded small GEMMs were measured 8x slower than one thread."""
@@ -321,15 +378,20 @@ def cluster(x: Any, n_clusters: int | str = "auto", max_clusters: int = 20, stan
     if n_clusters == "auto":
         k, scores = choose_k(z, leaf_of, sample, rows, max_clusters)
         criterion = f"silhouette over k=2..{max_clusters}"
+    elif n_clusters == "size":
+        k, scores = size_k(n, target_cluster_size, max_clusters, z.shape[0] + 1), {}
+        criterion = f"size: round(N / {target_cluster_size}) clipped to [2, {max_clusters}]"
     else:
         k, scores, criterion = int(n_clusters), {}, "user"
-    labels = _cut(z, k)[leaf_of]
+    nodes = cut_nodes(z, k)
+    labels = leaf_labels(z, nodes)[leaf_of]
     coords = _pca2(feats if feats is not None else None, x, tf, seed)
     info = dict(tf.info)
     if mode == "scalable":
         info.update({"micro_clusters": int(z.shape[0] + 1), "micro_method": "MiniBatchKMeans (chunked)"})
     return ClusterResult(labels=labels.astype(np.int32), linkage=z, leaf_of=leaf_of, leaf_sizes=sizes, n_clusters=int(len(np.unique(labels))),
-                         mode=mode, criterion=criterion, scores=scores, coords=coords, preprocessing=info)
+                         mode=mode, criterion=criterion, scores=scores, coords=coords, preprocessing=info,
+                         nodes=nodes)
 
 
 def _pca2(feats: np.ndarray | None, x: Any, tf: FeatureTransform, seed: int) -> np.ndarray:

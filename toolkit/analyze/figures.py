@@ -18,6 +18,17 @@ from matplotlib.colors import TwoSlopeNorm  # noqa: E402
 from scipy.cluster.hierarchy import dendrogram as _dendrogram  # noqa: E402
 
 DPI = 90
+MAX_PANELS = 12  # per-cluster panel figures (spectra, element maps) draw the largest clusters only
+
+
+def _largest(items: dict, sizes: dict[int, int] | None, cap: int = MAX_PANELS) -> tuple[dict, str]:
+    """The ``cap`` largest clusters of ``items`` (by ``sizes``; all when few), in cluster order, and a
+    title note saying how many were left out (every cluster is in attribution.json)."""
+    if len(items) <= cap:
+        return items, ""
+    sizes = sizes or {}
+    keep = sorted(sorted(items, key=lambda c: -sizes.get(c, 0))[:cap])
+    return {c: items[c] for c in keep}, f" ({cap} largest of {len(items)} clusters)"
 
 
 def _cmap(k: int):
@@ -63,7 +74,7 @@ def embedding_map(coords: np.ndarray, labels: np.ndarray, onset: np.ndarray | No
     for c in range(k):
         m = labels == c
         axes[0].scatter(coords[m, 0], coords[m, 1], s=8, color=cm(c % cm.N), label=str(c), alpha=0.8, lw=0)
-    axes[0].legend(title="cluster", fontsize=7, markerscale=2, ncol=2 if k > 8 else 1, loc="best")
+    axes[0].legend(title="cluster", fontsize=7, markerscale=2, ncol=1 if k <= 8 else (2 if k <= 20 else 3), loc="best")
     axes[0].set_title(f"{title}: PCA map by cluster")
     ax = axes[1]
     ok = np.isfinite(onset) if onset is not None else np.zeros(len(labels), bool)
@@ -83,7 +94,9 @@ def embedding_map(coords: np.ndarray, labels: np.ndarray, onset: np.ndarray | No
 
 
 def cluster_spectra(energy: np.ndarray, signature: dict[int, dict], title: str):
-    """Mean reference (solid) and predicted (dashed) log10 α per cluster with the 10-90 % band."""
+    """Mean reference (solid) and predicted (dashed) log10 α per cluster with the 10-90 % band
+    (at most MAX_PANELS panels: the largest clusters)."""
+    signature, note = _largest(signature, {c: s["size"] for c, s in signature.items()})
     k = len(signature)
     ncol = min(4, k)
     nrow = (k + ncol - 1) // ncol
@@ -111,7 +124,7 @@ def cluster_spectra(energy: np.ndarray, signature: dict[int, dict], title: str):
         ax.set_xlabel("energy (eV)")
     for ax in axes[:, 0]:
         ax.set_ylabel("log10 α")
-    fig.suptitle(f"{title}: cluster spectra (band: 10-90 % of reference)", fontsize=10)
+    fig.suptitle(f"{title}: cluster spectra (band: 10-90 % of reference){note}", fontsize=10)
     fig.tight_layout()
     return fig
 
@@ -155,8 +168,10 @@ def _table_position(symbol: str) -> tuple[int, int] | None:
     return el.row, el.group
 
 
-def element_maps(enrich: dict[int, dict[str, float]], title: str):
-    """Periodic-table heatmap of log2 element enrichment, one panel per cluster."""
+def element_maps(enrich: dict[int, dict[str, float]], title: str, sizes: dict[int, int] | None = None):
+    """Periodic-table heatmap of log2 element enrichment, one panel per cluster (at most MAX_PANELS:
+    the largest by ``sizes``)."""
+    enrich, note = _largest(enrich, sizes)
     k = len(enrich)
     ncol = min(4, k)
     nrow = (k + ncol - 1) // ncol
@@ -185,7 +200,7 @@ def element_maps(enrich: dict[int, dict[str, float]], title: str):
             ax.text(g, r, sym, ha="center", va="center", fontsize=5.5)
     fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=axes.ravel().tolist(), shrink=0.6,
                  label="log2 enrichment")
-    fig.suptitle(f"{title}: element enrichment per cluster", fontsize=10)
+    fig.suptitle(f"{title}: element enrichment per cluster{note}", fontsize=10)
     return fig
 
 

@@ -31,6 +31,15 @@ def phrase(r: dict[str, Any]) -> str:
     return f"{word} {r['descriptor']} ({r['in_cluster']:.3g} vs {r['rest']:.3g})"
 
 
+def split_phrase(d: dict[str, Any]) -> str:
+    """Short words for a descriptor that is higher (more prevalent) on one side of a split, e.g.
+    ``oxides`` / ``partial d cations`` / ``high bond_length_mean``."""
+    fam, _, val = d["descriptor"].partition(":")
+    if d.get("kind", "categorical" if fam in _WORDS and val else "continuous") == "categorical" and fam in _WORDS:
+        return _WORDS[fam].format(val.replace("_", " ") if fam in ("cation_class", "coordination") else val)
+    return f"high {d['descriptor']}"
+
+
 def cluster_summary(c: int, size: int, onset: dict | None, ranked: list[dict], n: int = 3) -> str:
     """"cluster 7: 41 materials, onset 1.6 ± 0.3 eV, enriched in Te (q = 1e-09), ..."."""
     parts = [f"cluster {c}: {size} materials"]
@@ -85,6 +94,80 @@ def _img(uri: str, alt: str) -> str:
     return f'<img src="{uri}" alt="{html.escape(alt)}">'
 
 
+def _split_side(sp: dict[str, Any], side: int, alpha: float) -> str:
+    ds = [d for d in sp["descriptors"] if d["direction"] == side and d["q"] < alpha]
+    if not ds:
+        return "no significant descriptor"
+    return "; ".join(f"{split_phrase(d)} ({'Δ share' if d['kind'] == 'categorical' else 'SMD'} "
+                     f"{abs(d['effect']):.2f}, q = {_fmt_q(d['q'])})" for d in ds[:3])
+
+
+def hierarchy_html(hier: dict[str, Any], max_depth: int = 8, max_splits: int = 150) -> str:
+    """The explained Ward tree as nested ``<details>`` from the top split down (no script): every
+    split shows what each child is richer in, and the splits below a child are nested under it."""
+    splits = hier.get("splits", [])
+    if not splits:
+        return (f"<p>No split with both children of at least {hier.get('min_split_size')} materials "
+                "(analyze.min_split_size).</p>")
+    by_node = {sp["node"]: sp for sp in splits}
+    under: dict[int | None, list[int]] = {}  # child node (side of a split) -> explained splits below it
+    for sp in splits:
+        under.setdefault(sp.get("parent_side"), []).append(sp["node"])
+    alpha = hier.get("alpha", ALPHA)
+    shown = [0]
+
+    def render_split(sp: dict[str, Any], depth: int) -> str:
+        shown[0] += 1
+        head = f"{sp['size']} materials → " + " | ".join(f"node {c} ({n})" for c, n in zip(sp["children"], sp["sizes"]))
+        body = ["<ul>"]
+        for c in sp["children"]:
+            body.append(f"<li>node {c}: {html.escape(_split_side(sp, c, alpha))}")
+            if depth < max_depth:
+                for k in under.get(c, []):
+                    if shown[0] >= max_splits:
+                        body.append("<p class='meta'>(further splits in attribution.json)</p>")
+                        break
+                    body.append(render_split(by_node[k], depth + 1))
+            body.append("</li>")
+        body.append("</ul>")
+        opn = " open" if depth < 2 else ""
+        return f"<details{opn}><summary>{html.escape(head)}</summary>{''.join(body)}</details>"
+
+    return "".join(render_split(by_node[r], 0) for r in under.get(None, []))
+
+
+def drivers_html(drivers: dict[str, Any] | None, top: int = 10) -> str:
+    """Tables of the driver ranking per spectral feature (families, descriptors, confounding)."""
+    if not drivers:
+        return "<p>Driver ranking not computed (analyze.drivers is off).</p>"
+    out = []
+    for feat, D in drivers.items():
+        out.append(f"<h3>{html.escape(feat)}</h3>")
+        if not D.get("model"):
+            out.append(f"<p>{html.escape(D.get('reason', 'not computed'))}</p>")
+            continue
+        m = D["model"]
+        out.append(f"<p class='meta'>{html.escape(m['model'])}, hold-out R² {m['r2_holdout']:.2f} "
+                   f"({m['n']} materials, {m['n_descriptors']} descriptors); importance = {html.escape(m['importance'])}.</p>")
+        fam = ", ".join(f"{f['family']} {f['importance']:.3f}" for f in D["families"][:6])
+        out.append(f"<p>Families: {html.escape(fam)}.</p>")
+        rows = [[r["rank"] if r["rank"] is not None else "–", r["descriptor"], r["family"], f"{r['importance']:.3f}",
+                 f"{r['importance_std']:.3f}", f"{r['conditional_importance']:.3f}", f"{r['marginal']:+.2f}",
+                 "" if r["within_strata_importance"] is None else f"{r['within_strata_importance']:.3f}",
+                 f"rides along with {r['confounded_with']}" if r["confounded_with"] else ""]
+                for r in [*D["descriptors"][:top], *[r for r in D["descriptors"][top:] if r["confounded_with"]]]]
+        out.append(_table(["rank", "descriptor", "family", "importance", "std", "conditional", "marginal ρ",
+                           "within strata", "confounding"], rows))
+        st = D.get("strata") or {}
+        if st.get("strata"):
+            sfam = ", ".join(f"{f['family']} {f['importance']:.3f}" for f in st["families"][:5])
+            strata = ", ".join(f"{x['stratum']} (n={x['n']})" for x in st["strata"])
+            within = ", ".join(f"{k} {v:.3f}" for k, v in list(st.get("importance", {}).items())[:5])
+            out.append(f"<p>Within strata of {html.escape(str(st['by']))} ({html.escape(strata)}): families "
+                       f"{html.escape(sfam)}; descriptors {html.escape(within)}.</p>")
+    return "\n".join(out)
+
+
 def render(attribution: dict[str, Any], figures: dict[str, dict[str, str]], out: Path, title: str) -> Path:
     """Write the report; ``figures[layer][name]`` are data URIs, ``figures["_global"]["layers"]`` the
     layer-comparison figure."""
@@ -95,10 +178,14 @@ def render(attribution: dict[str, Any], figures: dict[str, dict[str, str]], out:
     ov = [f"<p>{attribution['n_materials']} materials, {len(layers)} clusterings "
           f"({', '.join(html.escape(n) for n in layers)}). Descriptors: {attribution['descriptors']['n_descriptors']} "
           f"({attribution['descriptors']['n_failures']} missing values recorded in descriptor_failures.csv).</p>"]
-    if rec:
-        ov.append(f"<p>Benchmark recovery (precision@{rec['k']} of planted drivers among each cluster's top "
-                  f"descriptors): overall {rec['overall']:.2f}; "
-                  + ", ".join(f"{html.escape(k)} {v['precision']:.2f}" for k, v in rec["per_layer"].items()) + ".</p>")
+    if rec and rec.get("summary"):
+        ov.append(f"<p>Benchmark recovery: {html.escape(rec['summary'])}</p>")
+        per = rec.get("per_driver") or {}
+        if per:
+            yes = {True: "yes", False: "no", None: "n/a"}
+            ov.append(_table(["planted driver", "named by a cluster", "clusters it defines", "named in its feature's ranking"], [
+                [html.escape(str(d)), yes[bool(v.get("named"))], v.get("defining_clusters", ""),
+                 yes[v.get("named_in_feature_ranking")]] for d, v in per.items()]))
     rows = [[n, L["clustering"]["n_clusters"], L["clustering"]["mode"],
              "" if L.get("ami_reference") is None else f"{L['ami_reference']:.2f}",
              "" if L["surrogate"].get("holdout_balanced_accuracy") is None else f"{L['surrogate']['holdout_balanced_accuracy']:.2f}"]
@@ -113,12 +200,25 @@ def render(attribution: dict[str, Any], figures: dict[str, dict[str, str]], out:
         lay.append(_table(["layer", *targets], [[n, *(f"{p[t]['score']:.2f}" if t in p else "" for t in targets)]
                                                  for n, p in probes.items()]))
     sections = []
+    hier_all = attribution.get("hierarchy") or {}
     for name, L in layers.items():
         f = figures.get(name, {})
         s = [f'<h2 id="layer-{html.escape(name)}">{html.escape(name)}</h2>',
              f"<p class='meta'>{html.escape(L['clustering']['criterion'])}; preprocessing: "
-             f"{html.escape(str(L['clustering']['preprocessing']))}</p>",
-             '<ul class="summary">' + "".join(f"<li>{html.escape(c['summary'])}</li>" for c in L["clusters"].values()) + "</ul>"]
+             f"{html.escape(str(L['clustering']['preprocessing']))}</p>"]
+        hier = hier_all.get(name)
+        if hier:
+            lv = ", ".join(f"k = {x['k']}" + (" (default)" if x["default"] else "") for x in hier.get("levels", []))
+            s.append(f"<h3>taxonomy: the Ward tree explained top-down</h3><p class='meta'>{hier['n_splits']} splits "
+                     f"with both children ≥ {hier['min_split_size']} materials; Δ share / SMD and q (Benjamini-Hochberg "
+                     f"over all {hier['n_tests']} split tests) of the descriptors richer on each side. Levels: "
+                     f"{html.escape(lv)}.</p>")
+            s.append(f'<div class="tree">{hierarchy_html(hier)}</div>')
+        s.append(f"<h3>clusters at k = {L['clustering']['n_clusters']}</h3>")
+        s.append('<ul class="summary">' + "".join(
+            f"<li>{html.escape(c['summary'])}"
+            + (f"<br><span class='path'>{html.escape(' → '.join(c['path']))}</span>" if c.get("path") else "")
+            + "</li>" for c in L["clusters"].values()) + "</ul>")
         for key, alt in (("dendrogram", "dendrogram"), ("map", "2-D map of the embedding"),
                          ("spectra", "cluster mean spectra"), ("enrichment", "enrichment heatmap"),
                          ("elements", "element maps")):
@@ -131,7 +231,8 @@ def render(attribution: dict[str, Any], figures: dict[str, dict[str, str]], out:
         sections.append("\n".join(s))
     meta = html.escape(f"run: {attribution.get('run_dir', '')}; generated {attribution.get('generated', '')}")
     page = tpl.substitute(title=html.escape(title), meta=meta, nav=nav, overview="\n".join(ov),
-                          layers="\n".join(lay), sections="\n".join(sections))
+                          layers="\n".join(lay), drivers=drivers_html(attribution.get("drivers")),
+                          sections="\n".join(sections))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".html.tmp")
     tmp.write_text(page, encoding="utf-8")

@@ -2,14 +2,17 @@
 :func:`toolkit.analyze.analyze_inputs`):
 
 * :func:`analyze_layer`: one clustering (a model layer or a spectra baseline) -> :class:`LayerResult`:
-  Ward clusters, enrichment ranking, surrogate importances, spectral signatures, element enrichment
-  and linear probes. No file I/O.
+  Ward clusters at the default level, the explained Ward tree and its levels
+  (:mod:`toolkit.analyze.hierarchy`), enrichment ranking, surrogate importances, spectral
+  signatures, element enrichment and linear probes. No file I/O.
 * :func:`write_layer_figures`, :func:`write_comparison_figure`: the only writers of figures
   (``figures/<layer>_<kind>.png|svg`` and ``figures/layer_comparison.png|svg``); they return the PNG
   data URIs the report embeds.
 * :func:`assemble_attribution`: the attribution.json dict (schema: docs/report.md) from the layer
-  results: per-layer JSON shaping, AMI between clusterings, global importance, descriptor failures
-  and the benchmark recovery. No file I/O.
+  results: per-layer JSON shaping, AMI between clusterings, global importance, descriptor failures,
+  the hierarchy of every layer, the drivers of the spectral features (computed once per run by
+  :func:`toolkit.analyze.drivers.rank_drivers`, independent of the layers) and the benchmark
+  recovery. No file I/O.
 
 Heavy libraries (sklearn, scipy.stats, matplotlib) are imported inside the steps.
 """
@@ -56,6 +59,7 @@ class LayerResult:
     signature: dict[int, dict]  # attribution.spectral_signature
     elements: dict[int, dict[str, float]]  # attribution.element_enrichment
     probes: dict[str, dict[str, Any]]  # probes.probe_layer
+    hierarchy: dict[str, Any] | None = None  # hierarchy.explain_tree + levels + cluster paths
 
     @property
     def coverage(self) -> int:
@@ -83,13 +87,15 @@ def analyze_layer(cfg, inp: Inputs, name: str, x: Any, mask: np.ndarray, names: 
         return None
     res = cluster(x, n_clusters=a.n_clusters, max_clusters=a.max_clusters, standardize=a.standardize,
                   pca_components=a.pca_components, scalable_threshold=a.scalable_threshold,
-                  n_micro=a.micro_clusters, seed=a.seed, threads=a.workers)
+                  n_micro=a.micro_clusters, seed=a.seed, threads=a.workers,
+                  target_cluster_size=a.target_cluster_size)
     labels = np.full(len(inp.ids), -1, dtype=np.int32)
     labels[mask] = res.labels
     table, ids = inp.table, inp.ids
     sub = (DescriptorTable(ids, table.names, table.values, []) if mask.all() else  # no N x D copy
            DescriptorTable([i for i, m in zip(ids, mask) if m], table.names, table.values[mask], []))
     ranked = attr.enrichment(res.labels, sub, names)
+    hier = layer_hierarchy(res, sub, names, a)
     cand: list[str] = []
     for rs in ranked.values():
         cand += [r["descriptor"] for r in rs[:10] if r["q"] < attr.ALPHA and r["descriptor"] not in cand]
@@ -104,7 +110,26 @@ def analyze_layer(cfg, inp: Inputs, name: str, x: Any, mask: np.ndarray, names: 
     log.info("analyze: %s -> %d clusters (%s)", name, res.n_clusters, res.mode)
     return LayerResult(name=name, clustering=res, mask=mask, labels=labels, member_ids=list(sub.ids), ranked=ranked,
                        n_tests=sum(len(v) for v in ranked.values()), surrogate=surrogate, signature=sig,
-                       elements=elements, probes=probes)
+                       elements=elements, probes=probes, hierarchy=hier)
+
+
+def layer_hierarchy(res: ClusterResult, sub: DescriptorTable, names: list[str], a) -> dict[str, Any]:
+    """``hierarchy.<layer>``: the explained splits of the Ward tree (:func:`toolkit.analyze.hierarchy.
+    explain_tree` on the tested descriptors), the levels ``a.levels`` plus the default one, and the
+    taxonomy path of every default-level cluster (``paths``: cluster -> list of steps)."""
+    from toolkit.analyze import hierarchy as hy
+    from toolkit.analyze.descriptors import is_categorical
+
+    t = time.time()
+    cols = [sub.names.index(n) for n in names]
+    hier = hy.explain_tree(res.linkage, res.leaf_of, res.leaf_sizes, sub.values[:, cols], names,
+                           np.array([is_categorical(n) for n in names], dtype=bool),
+                           min_split_size=a.min_split_size, max_splits=a.max_splits)
+    hier["levels"] = hy.levels(res.linkage, res.leaf_sizes, list(a.levels or []), res.n_clusters)
+    p = hy.paths(res.linkage, hier, res.nodes)
+    hier["paths"] = {str(c): p.get(nd, []) for c, nd in enumerate(res.nodes)}
+    hier["seconds"] = round(time.time() - t, 3)
+    return hier
 
 
 # ----------------------------------------------------------------------------------------- figures
@@ -118,7 +143,7 @@ def write_layer_figures(lr: LayerResult, energy: np.ndarray, onset: np.ndarray, 
              "map": lambda: figs.embedding_map(res.coords, res.labels, onset[lr.mask], name),
              "spectra": lambda: figs.cluster_spectra(energy, lr.signature, name),
              "enrichment": lambda: figs.enrichment_heatmap(lr.ranked, name),
-             "elements": lambda: figs.element_maps(lr.elements, name)}
+             "elements": lambda: figs.element_maps(lr.elements, name, {c: s["size"] for c, s in lr.signature.items()})}
     return {kind: figs.save(drawn[kind](), figdir, f"{name}_{kind}")["data_uri"] for kind in FIGURES}
 
 
@@ -139,10 +164,13 @@ def layer_json(lr: LayerResult, names: list[str], aliases: dict[str, list[str]])
     member_ids = np.array(lr.member_ids)
     labels = lr.clustering.labels
     clusters = {}
+    nodes = lr.clustering.nodes
+    paths = (lr.hierarchy or {}).get("paths", {})
     for c in sorted(lr.ranked):
         s = lr.signature[c]
         spec = {k: {"mean": _ds(s[k]["mean"]), "std": _ds(s[k]["std"])} for k in ("reference", "predicted") if k in s}
-        clusters[str(c)] = {"size": int(s["size"]), "members": member_ids[labels == c].tolist(),
+        clusters[str(c)] = {"size": int(s["size"]), "node": int(nodes[c]) if c < len(nodes) else None,
+                            "path": paths.get(str(c), []), "members": member_ids[labels == c].tolist(),
                             "summary": cluster_summary(c, s["size"], s.get("onset"), lr.ranked[c]),
                             "spectral": {"onset": s.get("onset"), **spec},
                             "descriptors": _ranked_json(lr.ranked[c], aliases)}
@@ -177,10 +205,12 @@ def global_importance(layers_out: dict[str, dict]) -> dict[str, float]:
 
 
 def assemble_attribution(cfg, inp: Inputs, layer_results: list[LayerResult], names: list[str],
-                         aliases: dict[str, list[str]], truth: dict | None = None) -> dict[str, Any]:
+                         aliases: dict[str, list[str]], truth: dict | None = None,
+                         drivers: dict[str, Any] | None = None) -> dict[str, Any]:
     """The attribution.json dict (docs/report.md) of ``layer_results`` (in order); ``names`` and
     ``aliases`` as from :func:`toolkit.analyze.attribution.dedupe_categorical`; ``truth``: the
-    benchmark's planted drivers (dataset attribute ``benchmark_truth``), None for real data."""
+    benchmark's planted drivers (dataset attribute ``benchmark_truth``), None for real data;
+    ``drivers``: :func:`toolkit.analyze.drivers.rank_drivers` (None: not computed)."""
     layers_out = {lr.name: layer_json(lr, names, aliases) for lr in layer_results}
     compare_layers({lr.name: lr.labels for lr in layer_results}, layers_out)
     ami = {n: L["ami_reference"] for n, L in layers_out.items() if L.get("ami_reference") is not None}
@@ -201,13 +231,30 @@ def assemble_attribution(cfg, inp: Inputs, layer_results: list[LayerResult], nam
         "layer_comparison": {"ami_vs_reference": ami,
                              "ami_vs_predicted": {n: L["ami_predicted"] for n, L in layers_out.items() if L.get("ami_predicted") is not None}},
         "probes": {lr.name: lr.probes for lr in layer_results},
+        "hierarchy": {lr.name: lr.hierarchy for lr in layer_results if lr.hierarchy is not None},
+        "drivers": drivers,
         "benchmark_recovery": None,
     }
     if truth:
-        result["benchmark_recovery"] = benchmark_recovery(truth, layers_out)
-        log.info("analyze: benchmark recovery precision@3 overall %.2f (best %s)",
-                 result["benchmark_recovery"]["overall"], result["benchmark_recovery"]["best_layer"])
+        result["benchmark_recovery"] = recovery(cfg, inp, truth, result)
+        log.info("analyze: %s", result["benchmark_recovery"]["summary"])
     return result
+
+
+def recovery(cfg, inp: Inputs, truth: dict, result: dict[str, Any]) -> dict[str, Any]:
+    """The honest recovery score (:func:`toolkit.analyze.recovery.recovery_score`: per planted driver,
+    defining clusters named, chance baseline, coverage, feature rankings, distractor rate) computed from
+    the planted values stored with the data (else the descriptor table), plus the earlier
+    precision@3 (``precision_at_3``, :func:`benchmark_recovery`) for comparison with older releases."""
+    from toolkit.analyze.recovery import planted_values, recovery_score
+
+    stored = hasattr(inp.reader, "column") and hasattr(inp.reader, "ids")  # a dataset store (not a test double)
+    planted = planted_values(inp.reader, truth, inp.rows) if stored else {"ids": []}
+    table = planted if len(planted) > 1 else inp.table
+    rec = recovery_score(truth, result, table, seed=cfg.analyze.seed)
+    legacy_truth = truth if truth.get("kind") != "realbench" else None
+    rec["precision_at_3"] = benchmark_recovery(legacy_truth, result["layers"]) if legacy_truth else None
+    return rec
 
 
 def benchmark_recovery(truth: dict, layers: dict[str, dict], k: int = 3) -> dict[str, Any]:

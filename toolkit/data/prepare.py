@@ -43,6 +43,7 @@ log = logging.getLogger("spectrolens.prepare")
 
 NAME = "prepare"
 UNIT = "part"
+PRELOAD = ("toolkit.data.readers", "pymatgen.core", "zarr")  # imported once by the local workers' fork server
 _GAP_KEYS = ("direct_gap", "indirect_gap")
 
 
@@ -81,6 +82,8 @@ def fingerprint(cfg: PipelineConfig) -> dict:
     }
     if d.source == "benchmark":
         fp["benchmark"] = d.benchmark.model_dump()
+    if d.source == "realbench":
+        fp["realbench"] = d.realbench.model_dump(mode="json")
     return json.loads(json.dumps(fp))
 
 
@@ -128,6 +131,10 @@ def _root_attrs(cfg: PipelineConfig, source: Any, n_parts: int, n_keys: int) -> 
         from toolkit.data.benchmark import benchmark_truth
 
         attrs["benchmark_truth"] = benchmark_truth(cfg)
+    if d.source == "realbench":
+        from toolkit.data.realbench import realbench_truth
+
+        attrs["benchmark_truth"] = realbench_truth(cfg)
     return json.loads(json.dumps(attrs, default=str))
 
 
@@ -194,6 +201,8 @@ def material_record(cfg: PipelineConfig, m: Material, energy: np.ndarray) -> sto
     factors: tuple[str, ...] = ()
     if m.source == "benchmark":
         from toolkit.data.benchmark import FACTORS as factors
+    elif m.source == "realbench":
+        from toolkit.data.realbench import FACTORS as factors
     for k, v in props.items():
         sv = _scalar(v)
         if sv is not None:

@@ -20,7 +20,7 @@ from toolkit.config import ConfigError, PipelineConfig, load_config, record_run
 from toolkit.hpc import records, status
 from toolkit.hpc import stages as st
 from toolkit.hpc.executors import LocalExecutor, SlurmExecutor, job_ids
-from toolkit.layout import RunLayout
+from toolkit.layout import DEFAULT_STAGES, RunLayout
 from toolkit.runtime import exclusive_or_busy
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ def run_pipeline(cfg: PipelineConfig, run_dir: Path | str | None = None, executo
     kind = executor or cfg.executor.kind
     if kind not in ("local", "slurm"):
         raise ConfigError(f"executor {kind!r} is not one of local, slurm")
-    wanted = st.check_stages(list(stages) if stages else list(st.STAGES))
+    wanted = st.check_stages(list(stages) if stages else list(DEFAULT_STAGES))
     cfg = cfg.model_copy(deep=True, update={"run_dir": rd})
     cfg.executor.kind = kind
     rd.mkdir(parents=True, exist_ok=True)
@@ -168,7 +168,9 @@ def demo_summary(run_dir: Path, seconds: float | None = None) -> str:
     met = json.loads(met_path.read_text()) if met_path.is_file() else {}
     rec = att.get("benchmark_recovery")
     lines = [f"report: {run_dir / 'analyze' / 'report' / 'index.html'}"]
-    if isinstance(rec, dict) and "overall" in rec:
+    if isinstance(rec, dict) and "summary" in rec:
+        lines.append(f"benchmark recovery: {rec['summary']}")
+    elif isinstance(rec, dict) and "overall" in rec:
         best = rec.get("best_layer")
         layer = rec.get("per_layer", {}).get(best, {})
         lines.append(f"benchmark recovery (precision@{rec.get('k', '?')} of planted drivers): {_fmt(rec['overall'])} "

@@ -25,7 +25,7 @@ from toolkit.runtime import task_log
 
 log = logging.getLogger(__name__)
 
-Stage = Literal["prepare", "train", "embed", "analyze"]
+Stage = Literal["prepare", "train", "embed", "analyze", "explain"]
 STAGES: tuple[Stage, ...] = _STAGES  # type: ignore[assignment]
 SHARDED: frozenset[str] = frozenset(sharded.SHARDED)
 

@@ -48,6 +48,10 @@ def open_source(cfg: DataConfig) -> Source:
         from toolkit.data.benchmark import BenchmarkSource
 
         return BenchmarkSource(cfg)
+    if kind == "realbench":
+        from toolkit.data.realbench import RealBenchSource
+
+        return RealBenchSource(cfg)
     if kind != "jarvis" and cfg.path is None:
         raise ConfigError(f"data.source={kind!r} needs data.path (the file or folder to read)")
     if kind != "jarvis" and not cfg.path.exists():
