@@ -20,7 +20,7 @@ import logging
 import os
 import subprocess
 import sys
-import time
+from multiprocessing.connection import wait as wait_any
 from pathlib import Path
 
 from toolkit import sharded
@@ -76,7 +76,7 @@ def _run_local(stage: str, mod, cfg: PipelineConfig, run_dir: Path, n_workers: i
                 bar.update(len(sharded.done_units(stage, run_dir, n)) - bar.n)
                 if not running:
                     break
-                time.sleep(0.2)
+                wait_any([p.sentinel for p in running], timeout=0.5)  # wakes as soon as a worker exits
         except BaseException:  # Ctrl-C / SIGTERM of the driver: stop the workers; finished units are kept
             _stop(procs)
             raise
@@ -132,6 +132,10 @@ class Worker:
 
     def poll(self) -> int | None:
         return None if self.proc.is_alive() else self.returncode
+
+    @property
+    def sentinel(self) -> int:
+        return self.proc.sentinel
 
     @property
     def returncode(self) -> int | None:
