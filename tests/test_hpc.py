@@ -175,3 +175,10 @@ def test_container_flag_in_the_shell_command_is_quoted(tmp_path):
     from toolkit.hpc import container
 
     assert shlex.split(container.python_command(cfg, tmp_path))[-2:] == [str(image), "python"]
+
+
+def test_demo_summary_prints_the_honest_recovery_line(tmp_path):
+    (tmp_path / "analyze").mkdir()
+    line = "recovery: 4/4 planted drivers named by a cluster they define (best layer x: coverage 1.00 vs chance 0.50)"
+    (tmp_path / "analyze" / "attribution.json").write_text(json.dumps({"benchmark_recovery": {"summary": line}}))
+    assert f"benchmark {line}" in pipeline.demo_summary(tmp_path)

@@ -169,7 +169,7 @@ def demo_summary(run_dir: Path, seconds: float | None = None) -> str:
     rec = att.get("benchmark_recovery")
     lines = [f"report: {run_dir / 'analyze' / 'report' / 'index.html'}"]
     if isinstance(rec, dict) and "summary" in rec:
-        lines.append(f"benchmark recovery: {rec['summary']}")
+        lines.append(f"benchmark {rec['summary']}")  # "benchmark recovery: ..."
     elif isinstance(rec, dict) and "overall" in rec:
         best = rec.get("best_layer")
         layer = rec.get("per_layer", {}).get(best, {})
