@@ -408,3 +408,28 @@ def test_trained_model_recovers_the_planted_drivers(tmp_path):
     up, down = np.array([strained[0.04][m] for m in both]), np.array([strained[-0.04][m] for m in both])
     ok = np.isfinite(up) & np.isfinite(down)
     assert ok.sum() >= 60 and np.mean(up[ok] - down[ok]) < 0, (np.mean(up[ok]), np.mean(down[ok]))
+
+
+def test_report_compares_the_driver_ranking_with_the_counterfactuals(tmp_path):
+    """The report's consistency table: a ranked family whose edits barely move the prediction is a
+    correlation, a family the model responds to but the ranking misses is flagged, the rest agree; the
+    section renders with the counterfactual tables, and says how to run explain when it is absent."""
+    from toolkit.analyze import report
+
+    drivers = {"onset": {"families": [{"family": "anion", "importance": 1.0}, {"family": "bonds", "importance": 0.4},
+                                      {"family": "cation chemistry", "importance": 0.0}]}}
+    effects = [{"type": "anion_substitution", "feature": "onset", "n": 10, "mean": -1.5},
+               {"type": "strain", "feature": "onset", "n": 8, "mean": 0.02},
+               {"type": "cation_substitution", "feature": "onset", "n": 4, "mean": 0.9},
+               {"type": "strain", "feature": "edge_integral", "n": 8, "mean": 3.0}]
+    rows = {r["edit"]: r for r in report.consistency(drivers, effects)}
+    assert rows["anion_substitution"]["flag"] == "agree"
+    assert rows["strain"]["flag"] == "correlation, not a learned cause" and rows["strain"]["n_edits"] == 8
+    assert rows["cation_substitution"]["flag"] == "learned, not ranked"
+    table = {"columns": ["type", "mean"], "rows": [{"type": "strain", "mean": 0.02}]}
+    explain = {"available": True, "counts": {"n_materials": 3, "n_edits": 22, "n_rejects": 1, "n_extrapolated": 0},
+               "headline": ["replacing S by Se lowers the predicted onset by 0.61 ± 0.12 eV in 3 of 3 materials"],
+               "onset_effects": effects, "effects": table}
+    page = report.explain_html(explain, drivers)
+    assert "correlation, not a learned cause" in page and "replacing S by Se" in page and "22 edited" in page
+    assert "spectrolens explain" in report.explain_html(None, drivers)

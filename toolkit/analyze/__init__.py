@@ -14,6 +14,7 @@ per-layer analysis, the figures and the attribution.json assembly are steps of
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from typing import Any
 import numpy as np
 
 # constants and benchmark_recovery are re-exported: they were defined here before the split into steps
-from toolkit.analyze.steps import (FIT_MAX, MIN_CLUSTER_FOR_RECOVERY, PREDICTED, REFERENCE,  # noqa: F401
+from toolkit.analyze.steps import (FIGURES, FIT_MAX, MIN_CLUSTER_FOR_RECOVERY, PREDICTED, REFERENCE,  # noqa: F401
                                    SPECTRUM_STEP, LayerResult, analyze_layer, assemble_attribution,
                                    benchmark_recovery, onset_of, write_comparison_figure, write_layer_figures)
 from toolkit.errors import SpectrolensError
@@ -217,9 +218,42 @@ def analyze_inputs(cfg, inp: Inputs) -> dict[str, Any]:
     figures["_global"] = write_comparison_figure(result["layer_comparison"]["ami_vs_reference"], result["probes"], figdir)
     write_json(layout.attribution, result)
     _write_clusters(out / "clusters.csv", inp.ids, inp.reader, inp.rows, {lr.name: lr.labels for lr in results})
-    render(result, figures, layout.report, f"spectrolens analysis: {inp.run_dir.name}")
+    render(result, figures, layout.report, f"spectrolens analysis: {inp.run_dir.name}", explain=_explain(inp.run_dir))
     log.info("analyze: done in %.1f s -> %s", time.time() - t0, out)
     return result
+
+
+def _explain(run_dir: Path) -> dict | None:
+    """The explain stage's tables when it has completed in ``run_dir`` (else None)."""
+    if not RunLayout(run_dir).is_complete("explain"):
+        return None
+    from toolkit.explain.stage import explain_summary_for_report
+
+    return explain_summary_for_report(run_dir)
+
+
+def rerender_report(run_dir: Path) -> Path | None:
+    """Render ``analyze/report/index.html`` again from attribution.json, the saved figures and the explain
+    stage's results (called when explain finishes after analyze); None when analyze has not run."""
+    import base64
+
+    from toolkit.analyze.report import render
+
+    layout = RunLayout(run_dir)
+    if not layout.attribution.is_file():
+        return None
+    result = json.loads(layout.attribution.read_text())
+    figdir = layout.analyze_dir / "figures"
+
+    def uri(name: str) -> str | None:
+        p = figdir / f"{name}.png"
+        return "data:image/png;base64," + base64.b64encode(p.read_bytes()).decode() if p.is_file() else None
+
+    figures = {n: {k: u for k in FIGURES if (u := uri(f"{n}_{k}"))} for n in result["layers"]}
+    if (u := uri("layer_comparison")) is not None:
+        figures["_global"] = {"layers": u}
+    return render(result, figures, layout.report, f"spectrolens analysis: {Path(run_dir).name}",
+                  explain=_explain(Path(run_dir)))
 
 
 def _write_linkage(linkage_dir: Path, lr: LayerResult) -> None:

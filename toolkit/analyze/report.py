@@ -168,9 +168,89 @@ def drivers_html(drivers: dict[str, Any] | None, top: int = 10) -> str:
     return "\n".join(out)
 
 
-def render(attribution: dict[str, Any], figures: dict[str, dict[str, str]], out: Path, title: str) -> Path:
+#: which descriptor family each counterfactual edit type changes (the consistency table)
+EDIT_FAMILY = {"anion_substitution": "anion", "cation_substitution": "cation chemistry", "strain": "bonds",
+               "shell_strain": "coordination", "polyanion_centre": "polyanions"}
+RANKED_MIN = 0.05   # a family "ranked" as an onset driver: permutation importance (drop in hold-out R^2) >= this
+EFFECT_MIN = 0.1    # a counterfactual "effect": mean |predicted onset shift| >= this many eV
+EFFECT_STRONG = 0.3  # an effect the ranking should not miss
+
+
+def consistency(drivers: dict | None, effects: list[dict]) -> list[dict[str, Any]]:
+    """The descriptor ranking of the onset next to the model's counterfactual onset shifts, per edit type:
+    ``agree``; ``correlation, not a learned cause`` (ranked family, edits of it barely move the
+    prediction); ``learned, not ranked`` (edits move the prediction, the family is not ranked)."""
+    fam_imp = {f["family"]: f["importance"] for f in ((drivers or {}).get("onset") or {}).get("families", [])}
+    out = []
+    for etype, fam in EDIT_FAMILY.items():
+        rows = [r for r in effects if r.get("type") == etype and r.get("feature") == "onset" and r.get("mean") is not None]
+        if not rows:
+            continue
+        n = sum(int(r.get("n") or 0) for r in rows)
+        shift = sum(abs(float(r["mean"])) * int(r.get("n") or 0) for r in rows) / max(n, 1)
+        imp = fam_imp.get(fam)
+        if imp is None:
+            flag = "family not ranked (no descriptors of it tested)"
+        elif imp >= RANKED_MIN and shift < EFFECT_MIN:
+            flag = "correlation, not a learned cause"
+        elif imp < RANKED_MIN and shift >= EFFECT_STRONG:
+            flag = "learned, not ranked"
+        else:
+            flag = "agree"
+        out.append({"edit": etype, "family": fam, "importance": imp, "mean_abs_shift_eV": shift, "n_edits": n,
+                    "flag": flag})
+    return out
+
+
+def explain_html(explain: dict | None, drivers: dict | None) -> str:
+    """The counterfactual section (``toolkit.explain.stage.explain_summary_for_report``); a note when absent."""
+    if not explain or not explain.get("available"):
+        why = (explain or {}).get("reason", "the explain stage has not run")
+        return (f"<p class='meta'>No counterfactual probes ({html.escape(str(why))}). Run "
+                f"<code>spectrolens explain --run-dir RUN_DIR</code> (docs/explain.md).</p>")
+    c = explain["counts"]
+    s = [f"<p>{c['n_edits']} edited structures of {c['n_materials']} materials through the trained model; "
+         f"{c['n_rejects']} edits rejected (reasons below), {c['n_extrapolated']} flagged as far from the training "
+         f"data (readout-embedding distance; the model extrapolates there).</p>",
+         "<ul class='summary'>" + "".join(f"<li>{html.escape(h)}</li>" for h in explain["headline"]) + "</ul>"]
+    rows = consistency(drivers, explain.get("onset_effects") or explain["effects"]["rows"])
+    if rows:
+        s.append("<h3>descriptor ranking vs. the model's counterfactuals (onset)</h3>")
+        s.append(f"<p class='meta'>ranked: family permutation importance ≥ {RANKED_MIN}; effect: mean |shift| ≥ "
+                 f"{EFFECT_MIN} eV (strong ≥ {EFFECT_STRONG} eV).</p>")
+        s.append(_table(["edit", "family", "ranking importance", "mean |onset shift| (eV)", "edits", "verdict"], [
+            [r["edit"], r["family"], "" if r["importance"] is None else f"{r['importance']:.3f}",
+             f"{r['mean_abs_shift_eV']:.2f}", r["n_edits"], r["flag"]] for r in rows]))
+
+    def table(key: str, title: str) -> None:
+        t = explain.get(key) or {}
+        if t.get("rows"):
+            s.append(f"<h3>{html.escape(title)}</h3>")
+            s.append(_table(t["columns"], [[_cell(r.get(col)) for col in t["columns"]] for r in t["rows"]]))
+
+    table("effects", "predicted shifts per edit")
+    table("effects_by_cluster", "onset shifts per cluster")
+    q = explain.get("attribution_quality") or {}
+    if q:
+        s.append(f"<p class='meta'>Integrated gradients on {q.get('n_materials')} materials; completeness error "
+                 f"median {_cell(q.get('completeness_error_median'))}, max {_cell(q.get('completeness_error_max'))}; "
+                 f"share of the attribution on atoms / bonds / angles: "
+                 f"{', '.join(f'{k} {v:.2f}' for k, v in (q.get('share_mean') or {}).items())}.</p>")
+    table("attribution_elements", "attribution by element")
+    table("attribution_bonds", "attribution by bond type")
+    table("attribution_angles", "attribution by angle bin")
+    table("rejects", "rejected edits")
+    return "\n".join(s)
+
+
+def _cell(v: Any) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else ("" if v is None else str(v))
+
+
+def render(attribution: dict[str, Any], figures: dict[str, dict[str, str]], out: Path, title: str,
+           explain: dict | None = None) -> Path:
     """Write the report; ``figures[layer][name]`` are data URIs, ``figures["_global"]["layers"]`` the
-    layer-comparison figure."""
+    layer-comparison figure; ``explain``: :func:`toolkit.explain.stage.explain_summary_for_report`."""
     tpl = Template(resources.files("toolkit.analyze").joinpath("templates/report.html").read_text())
     layers = attribution["layers"]
     nav = " ".join(f'<a href="#layer-{html.escape(n)}">{html.escape(n)}</a>' for n in layers)
@@ -232,6 +312,7 @@ def render(attribution: dict[str, Any], figures: dict[str, dict[str, str]], out:
     meta = html.escape(f"run: {attribution.get('run_dir', '')}; generated {attribution.get('generated', '')}")
     page = tpl.substitute(title=html.escape(title), meta=meta, nav=nav, overview="\n".join(ov),
                           layers="\n".join(lay), drivers=drivers_html(attribution.get("drivers")),
+                          explain=explain_html(explain, attribution.get("drivers")),
                           sections="\n".join(sections))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".html.tmp")

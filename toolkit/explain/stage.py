@@ -511,6 +511,16 @@ def finalize(cfg: Any, run_dir: Path) -> dict:
     return summary
 
 
+def after_finalize(cfg: Any, run_dir: Path, summary: dict) -> None:
+    """Put the counterfactual tables (and their comparison with the driver ranking) into the analyze
+    report when analyze has run in ``run_dir``."""
+    from toolkit.analyze import rerender_report
+
+    path = rerender_report(Path(run_dir))
+    if path is not None:
+        log.info("report updated with the counterfactual probes: %s", path)
+
+
 def _join_csv(run_dir: Path, n_shards: int, kind: str) -> str:
     parts = [op.shard_file(run_dir, s, kind).read_text().splitlines(keepends=True) for s in range(n_shards)]
     return "".join(parts[0][:1] + [line for p in parts for line in p[1:]]) if parts else ""
@@ -543,6 +553,8 @@ def explain_summary_for_report(run_dir: Path, top: int = 15) -> dict:
     return {
         "available": True,
         "headline": summary["headline"],
+        "onset_effects": [{"type": r["type"], "feature": r["feature"], "n": r["n"], "mean": r["mean"]}
+                          for r in summary["effects"] if r["feature"] == "onset"],  # every edit, for the comparison
         "counts": {k: summary[k] for k in ("n_materials", "n_edits", "n_rejects", "n_extrapolated")},
         "effects": fmt(effects[:4 * top], ["type", "label", "feature", "n", "mean", "std", "n_same_sign",
                                            "n_extrapolated", "sentence"]),
