@@ -114,8 +114,8 @@ def report(tmp_path_factory) -> Path:
     return root / "analyze" / "report" / "index.html"
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (scripts/setup.sh --test installs it)")
-def test_report_renders_without_console_errors(report, tmp_path):
+def _open_in_chromium(page: Path, tmp_path: Path) -> tuple[dict, list, list, bytes]:
+    """Load ``page`` in headless Chromium: (DOM state, console/log errors, requested URLs, screenshot PNG)."""
     dt = DevTools(tmp_path / "profile")
     try:
         target = dt.call("Target.createTarget", {"url": "about:blank"})["targetId"]
@@ -124,27 +124,61 @@ def test_report_renders_without_console_errors(report, tmp_path):
             dt.call(f"{domain}.enable", session=sess)
         dt.call("Emulation.setDeviceMetricsOverride", {"width": 1280, "height": 2400, "deviceScaleFactor": 1,
                                                        "mobile": False}, session=sess)
-        dt.call("Page.navigate", {"url": report.as_uri()}, session=sess)
+        dt.call("Page.navigate", {"url": page.as_uri()}, session=sess)
         dt.wait_event("Page.loadEventFired")
         state = dt.call("Runtime.evaluate", {"returnByValue": True, "expression": """({
             images: document.images.length,
             decoded: Array.from(document.images).filter(i => i.complete && i.naturalWidth > 100).length,
-            title: document.title, summaries: document.querySelectorAll('ul.summary li').length})"""},
+            title: document.title, summaries: document.querySelectorAll('ul.summary li').length,
+            text: document.body.innerText,
+            tables: document.querySelectorAll('table').length})"""},
                         session=sess)["result"]["value"]
         shot = dt.call("Page.captureScreenshot", {"format": "png"}, session=sess)["data"]
     finally:
         dt.close()
-    png = base64.b64decode(shot)
+    errors = [e for e in dt.events if e.get("method") == "Runtime.exceptionThrown"
+              or (e.get("method") == "Runtime.consoleAPICalled" and e["params"]["type"] in ("error", "assert"))
+              or (e.get("method") == "Log.entryAdded" and e["params"]["entry"]["level"] == "error")]
+    requests = [e["params"]["request"]["url"] for e in dt.events if e.get("method") == "Network.requestWillBeSent"]
+    return state, errors, requests, base64.b64decode(shot)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (scripts/setup.sh --test installs it)")
+def test_report_renders_without_console_errors(report, tmp_path):
+    state, errors, requests, png = _open_in_chromium(report, tmp_path)
     out = tmp_path / "report.png"
     out.write_bytes(png)
     if os.environ.get("SPECTROLENS_KEEP_SCREENSHOT"):
         shutil.copy(out, os.environ["SPECTROLENS_KEEP_SCREENSHOT"])
-    errors = [e for e in dt.events if e.get("method") == "Runtime.exceptionThrown"
-              or (e.get("method") == "Runtime.consoleAPICalled" and e["params"]["type"] in ("error", "assert"))
-              or (e.get("method") == "Log.entryAdded" and e["params"]["entry"]["level"] == "error")]
     assert not errors, errors
-    requests = [e["params"]["request"]["url"] for e in dt.events if e.get("method") == "Network.requestWillBeSent"]
     assert all(u.startswith(("file:", "data:")) for u in requests), requests
     assert state["images"] == 6 and state["decoded"] == 6, state  # 5 figures of one clustering + layer comparison
     assert state["summaries"] >= 2 and "spectrolens analysis" in state["title"]
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 50_000
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (scripts/setup.sh --test installs it)")
+def test_report_with_counterfactuals_renders_without_console_errors(report, tmp_path, monkeypatch):
+    """The report as explain's finalize re-renders it (saved figures + attribution.json + the
+    counterfactual tables) opens without errors and shows the counterfactual section."""
+    import toolkit.analyze as analyze
+
+    run_dir = report.parents[2]
+    table = {"columns": ["type", "label", "feature", "n", "mean"],
+             "rows": [{"type": "anion_substitution", "label": "S->O", "feature": "onset", "n": 7, "mean": 2.27}]}
+    explain = {"available": True, "counts": {"n_materials": 7, "n_edits": 40, "n_rejects": 2, "n_extrapolated": 1},
+               "headline": ["replacing S by O raises the predicted onset by 2.27 ± 0.28 eV in 7 of 7 materials"],
+               "onset_effects": table["rows"], "effects": table, "effects_by_cluster": table,
+               "rejects": {"columns": ["reason", "count"], "rows": [{"reason": "overlapping atoms", "count": 2}]},
+               "attribution_elements": {"columns": ["key", "mean_per_material"], "rows": [{"key": "O", "mean_per_material": 0.4}]},
+               "attribution_quality": {"n_materials": 7, "completeness_error_max": 1e-4, "completeness_error_median": 1e-7,
+                                       "share_mean": {"atoms": 0.6, "bonds": 0.3, "angles": 0.1}}}
+    monkeypatch.setattr(analyze, "_explain", lambda rd: explain)
+    page = analyze.rerender_report(run_dir)
+    state, errors, requests, png = _open_in_chromium(page, tmp_path)
+    assert not errors, errors
+    assert all(u.startswith(("file:", "data:")) for u in requests), requests
+    assert state["images"] == 6 and state["decoded"] == 6, state  # the saved figures came back
+    assert "What the model learned" in state["text"]
+    assert "replacing S by O raises the predicted onset" in state["text"]  # rendered, not only in the source
+    assert "descriptor ranking vs. the model's counterfactuals" in (page.read_text())
