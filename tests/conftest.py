@@ -42,3 +42,13 @@ def paper_batch(shared_data: Path, names: list[str]):
             items.append(dict(numbers=g.numbers, edge_src=g.edge_src, edge_dst=g.edge_dst, edge_vec=g.edge_vec,
                               index=i, id=n))
     return collate(items)
+
+
+def smallest_mp_jsonl(shared_data: Path, dest: Path, n: int) -> Path:
+    """A JSONL file ``dest`` of the ``n`` smallest Materials Project structures (by site count, then id)."""
+    import json
+
+    lines = (shared_data / "mp_structures" / "mp_structures.jsonl").read_text().splitlines()
+    objs = sorted((json.loads(x) for x in lines), key=lambda o: (len(o["structure"]["sites"]), o["material_id"]))
+    dest.write_text("".join(json.dumps(o) + "\n" for o in objs[:n]))
+    return dest

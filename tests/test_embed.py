@@ -17,6 +17,7 @@ import pytest
 import torch
 import zarr
 
+from conftest import smallest_mp_jsonl
 from toolkit import embed, sharded
 from toolkit.cli import main as cli_main
 from toolkit.config import PipelineConfig, load_config
@@ -64,10 +65,7 @@ def single_threaded_workers():
 def prepared(tmp_path_factory, shared_data):
     """dataset.zarr of the 30 smallest MP structures (no spectra: has_spectrum false) + a tiny checkpoint."""
     root = tmp_path_factory.mktemp("embed")
-    lines = (shared_data / "mp_structures" / "mp_structures.jsonl").read_text().splitlines()
-    objs = sorted((json.loads(x) for x in lines), key=lambda o: (len(o["structure"]["sites"]), o["material_id"]))
-    src = root / "structures.jsonl"
-    src.write_text("".join(json.dumps(o) + "\n" for o in objs[:N_STRUCTURES]))
+    src = smallest_mp_jsonl(shared_data, root / "structures.jsonl", N_STRUCTURES)
     data_run = root / "data"
     pcfg = load_config(None, {"data": {"source": "jsonl", "path": str(src), "shard_size": 16, "workers": 1}})
     prepare.run(pcfg, data_run)

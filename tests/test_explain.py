@@ -15,6 +15,7 @@ import torch
 from pymatgen.core import Lattice, Structure
 from torch import nn
 
+from conftest import smallest_mp_jsonl
 from toolkit import sharded
 from toolkit.config import load_config
 from toolkit.data import benchmark as bm
@@ -55,10 +56,7 @@ def _paper(shared_data: Path, name: str) -> Structure:
 def prepared(tmp_path_factory, shared_data):
     """dataset.zarr of the 12 smallest MP structures (151-point grid) + a tiny random checkpoint."""
     root = tmp_path_factory.mktemp("explain")
-    lines = (shared_data / "mp_structures" / "mp_structures.jsonl").read_text().splitlines()
-    objs = sorted((json.loads(x) for x in lines), key=lambda o: (len(o["structure"]["sites"]), o["material_id"]))
-    src = root / "structures.jsonl"
-    src.write_text("".join(json.dumps(o) + "\n" for o in objs[:N_STRUCTURES]))
+    src = smallest_mp_jsonl(shared_data, root / "structures.jsonl", N_STRUCTURES)
     data_run = root / "data"
     cfg = load_config(None, {"data": {"source": "jsonl", "path": str(src), "shard_size": 16, "workers": 1,
                                       "grid": {"num": 151}}, "model": MODEL})

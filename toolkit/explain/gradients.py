@@ -82,27 +82,15 @@ def graphs(model: ALIGNN, batch):
 
 
 def embeddings(model: ALIGNN, batch, r: torch.Tensor, line_index: torch.Tensor):
-    x = model.atom_embedding(model.atom_features.index_select(0, batch.atomic_numbers))
-    y = model.edge_embedding(torch.linalg.vector_norm(r, dim=1))
-    if len(model.alignn_layers) > 0:
-        z = model.angle_embedding(bond_cosines(r, line_index))
-    else:
-        z = x.new_zeros((line_index.shape[1], x.shape[1]))
-    return x, y, z
+    """The model's atom, bond and angle embeddings (:meth:`ALIGNN.embeddings`); zeros for the angles of a
+    model without ALIGNN layers, so that every input has an attribution."""
+    x, y, z = model.embeddings(batch, r, line_index)
+    return x, y, (x.new_zeros((line_index.shape[1], x.shape[1])) if z is None else z)
 
 
 def head(model: ALIGNN, g, lg, batch, x: torch.Tensor, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """``ALIGNN.forward`` after the embeddings."""
-    for layer in model.alignn_layers:
-        x, y, z = layer(g, lg, x, y, z)
-    for layer in model.gcn_layers:
-        x, y = layer(g, x, y)
-    out = model.fc(model.readout(x, batch.atom_batch, batch.n_atoms))
-    if model.link == "log":
-        return torch.exp(out)
-    if model.link == "logit":
-        return torch.sigmoid(out)
-    return out
+    """``ALIGNN.forward`` after the embeddings (:meth:`ALIGNN.head`)."""
+    return model.head(g, lg, batch, x, y, z)
 
 
 def window_mask(energy: np.ndarray, onset: float | None, window: tuple[float, float] | None,

@@ -213,14 +213,24 @@ class ALIGNN(nn.Module):
         lg = torch_graph(line_index[0], line_index[1], edge_index.shape[1])
         return g, lg, edge_vec, line_index
 
-    def forward(self, batch: GraphBatch) -> torch.Tensor:
-        g, lg, r, line_index = self.prepare_graphs(batch)
+    def embeddings(self, batch: GraphBatch, r: torch.Tensor,
+                   line_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Atom, bond and angle embeddings (``r``, ``line_index`` from :meth:`prepare_graphs`); the angle
+        embedding is None for a model without ALIGNN layers (nothing reads it)."""
         x = self.atom_embedding(self.atom_features.index_select(0, batch.atomic_numbers))
         y = self.edge_embedding(torch.linalg.vector_norm(r, dim=1))
-        if len(self.alignn_layers) > 0:
-            z = self.angle_embedding(bond_cosines(r, line_index))
-            for layer in self.alignn_layers:
-                x, y, z = layer(g, lg, x, y, z)
+        z = self.angle_embedding(bond_cosines(r, line_index)) if len(self.alignn_layers) > 0 else None
+        return x, y, z
+
+    def forward(self, batch: GraphBatch) -> torch.Tensor:
+        g, lg, r, line_index = self.prepare_graphs(batch)
+        return self.head(g, lg, batch, *self.embeddings(batch, r, line_index))
+
+    def head(self, g: Any, lg: Any, batch: GraphBatch, x: torch.Tensor, y: torch.Tensor,
+             z: torch.Tensor | None) -> torch.Tensor:
+        """Everything after the embeddings: the layers, the readout, ``fc`` and the link."""
+        for layer in self.alignn_layers:
+            x, y, z = layer(g, lg, x, y, z)
         for layer in self.gcn_layers:
             x, y = layer(g, x, y)
         out = self.fc(self.readout(x, batch.atom_batch, batch.n_atoms))
