@@ -142,7 +142,7 @@ def options_from_config(cfg: Any) -> ExplainOptions:
 
 # ----------------------------------------------------------------------------------------------- paths
 def explain_dir(run_dir: Path) -> Path:
-    return RunLayout(run_dir).root / "explain"
+    return RunLayout(run_dir).explain_dir
 
 
 def plan_path(run_dir: Path) -> Path:
@@ -159,7 +159,7 @@ def shard_file(run_dir: Path, shard: int, kind: str) -> Path:
 
 
 def summary_path(run_dir: Path) -> Path:
-    return explain_dir(run_dir) / "summary.json"
+    return RunLayout(run_dir).explain_summary
 
 
 def table_path(run_dir: Path) -> Path:
@@ -179,10 +179,5 @@ def attributions_path(run_dir: Path) -> Path:
 
 
 def is_complete(run_dir: Path) -> bool:
-    """The stage's completion marker: summary.json with ``complete: true``."""
-    import json
-
-    try:
-        return json.loads(summary_path(run_dir).read_text()).get("complete") is True
-    except (OSError, ValueError):
-        return False
+    """The stage's completion marker: summary.json with ``complete: true`` (:meth:`RunLayout.is_complete`)."""
+    return RunLayout(run_dir).is_complete("explain")

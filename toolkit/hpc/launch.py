@@ -6,8 +6,8 @@ call :func:`run_sharded`:
 * under an MPI launcher (``mpiexec -n R spectrolens prepare ...``), every rank runs
   :func:`toolkit.hpc.stages.array_task` ``rank`` of ``R`` in-process, errors are gathered, rank 0
   finalizes and the summary is broadcast;
-* otherwise :func:`start_workers` starts ``stage.workers(cfg)`` processes ``python -m
-  toolkit.hpc.worker`` (task ``t`` of ``T`` each, the same :func:`~toolkit.hpc.stages.array_task` a
+* otherwise :func:`start_workers` forks ``stage.workers(cfg)`` processes running
+  :func:`toolkit.hpc.worker.main` (task ``t`` of ``T`` each, the same :func:`~toolkit.hpc.stages.array_task` a
   SLURM array task runs), shows progress, and finalizes (:func:`~toolkit.hpc.stages.finalize`).
 
 Logs: ``logs/<stage>/driver.log`` (this process), ``task-<t>.log`` (each task's stage log, as on
@@ -27,7 +27,7 @@ from toolkit import sharded
 from toolkit.config import PipelineConfig, dump_config, record_run
 from toolkit.hpc import stages as st
 from toolkit.layout import STAGES, RunLayout
-from toolkit.runtime import MALLOC_ENV, mpi_world, tail, write_text
+from toolkit.runtime import MALLOC_ENV, mpi_world, tail, task_log, write_text
 
 log = logging.getLogger("spectrolens.launch")
 
@@ -39,21 +39,8 @@ def run_sharded(stage: str, cfg: PipelineConfig, run_dir: Path | str, n_workers:
     mpi = mpi_world()
     if mpi is not None and mpi[1] > 1:
         return _run_mpi(stage, cfg, run_dir, *mpi)
-    logs = RunLayout(run_dir).logs(mod.NAME)
-    logs.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(logs / "driver.log")
-    handler.setFormatter(logging.Formatter(f"%(asctime)s {mod.NAME}/driver %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    old = root.level
-    if root.getEffectiveLevel() > logging.INFO:
-        root.setLevel(logging.INFO)
-    root.addHandler(handler)
-    try:
+    with task_log(run_dir, mod.NAME, "driver"):
         return _run_local(stage, mod, cfg, run_dir, n_workers)
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(old)
-        handler.close()
 
 
 def _run_local(stage: str, mod, cfg: PipelineConfig, run_dir: Path, n_workers: int | None) -> dict:
@@ -111,12 +98,6 @@ def worker_env(n_workers: int, task: int, gpu: bool) -> dict[str, str]:
     env.setdefault("OMP_NUM_THREADS", str(threads))
     env.setdefault("MKL_NUM_THREADS", str(threads))
     return {**MALLOC_ENV, **env}
-
-
-def worker_command(stage: str, config_file: Path, run_dir: Path, task: int, n_tasks: int) -> list[str]:
-    """Command line of one worker (``python -m toolkit.hpc.worker ...``, for running a task by hand);
-    :func:`start_workers` runs the same ``main`` in forked processes."""
-    return [sys.executable, "-m", "toolkit.hpc.worker", *_worker_argv(stage, config_file, run_dir, task, n_tasks)]
 
 
 def _worker_argv(stage: str, config_file: Path, run_dir: Path, task: int, n_tasks: int) -> list[str]:

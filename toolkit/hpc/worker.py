@@ -1,8 +1,8 @@
 """One local worker process of a sharded stage:
 ``python -m toolkit.hpc.worker --stage S --config F --run-dir R --task t --tasks T``.
 
-Started by :func:`toolkit.hpc.launch.start_workers` (its output goes to
-``RUN_DIR/logs/<stage>/worker-<t>.log``); runs :func:`toolkit.hpc.stages.array_task` ``t`` of ``T``
+:func:`toolkit.hpc.launch.start_workers` runs :func:`main` in processes forked from a fork server
+(output to ``RUN_DIR/logs/<stage>/worker-<t>.log``); by hand it runs as the command above. It runs :func:`toolkit.hpc.stages.array_task` ``t`` of ``T``
 exactly as a SLURM array task does, and exits 0, or non-zero with the error in the log.
 """
 
