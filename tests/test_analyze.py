@@ -75,7 +75,10 @@ def test_outputs_and_schema(analyzed):
             for d in c["descriptors"]:
                 assert 0 <= d["q"] <= 1 and -1 <= d["effect"] <= 1 and d["test"] in ("fisher", "mannwhitney")
             qs = [d["q"] for d in c["descriptors"]]
-            assert qs == sorted(qs)
+            sig = [q < 0.05 for q in qs]
+            assert sig == sorted(sig, reverse=True)  # significant (condensed) entries first ...
+            assert qs[sum(sig):] == sorted(qs[sum(sig):])  # ... then the rest by q
+            assert all(q < 0.05 for q, d in zip(qs, c["descriptors"]) if d.get("covers"))
             assert len(c["spectral"]["reference"]["mean"]) == on_disk["energy_subsample"]["n"]
         z = np.load(out / L["linkage_file"])
         assert z.shape == (N - 1, 4)

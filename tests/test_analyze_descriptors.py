@@ -20,7 +20,7 @@ def _proto(sg: str, a: float, species: list[str], coords: list[list[float]]) -> 
 
 @pytest.mark.parametrize("structure,expect", [
     (_proto("Fm-3m", 5.64, ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]]),
-     {"anion:halide": 1, "cation_class:alkali": 1, "coordination:octahedral": 1, "oxidation:Na+1": 1,
+     {"anion:halide": 1, "anion:chloride": 1, "cation_class:alkali": 1, "coordination:octahedral": 1, "oxidation:Na+1": 1,
       "cn_mean": 6.0, "bond_length_mean": 5.64 / 2, "bond_length:Cl-Na": 5.64 / 2, "angle_XMX_mean": 108.0,
       "spacegroup:Fm-3m": 1, "crystal_system:cubic": 1}),
     (_proto("F-43m", 5.41, ["Zn", "S"], [[0, 0, 0], [0.25, 0.25, 0.25]]),

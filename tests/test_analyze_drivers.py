@@ -37,8 +37,23 @@ def test_dominant_family_and_model(ranked):
     assert d["families"][0]["family"] == "anion"
     assert d["descriptors"][0]["family"] == "anion" and d["descriptors"][0]["rank"] == 1
     keys = {"descriptor", "family", "importance", "importance_std", "conditional_importance", "confounded_with",
-            "marginal", "rank", "conditioned_on", "within_strata_importance"}
+            "marginal", "rank", "conditioned_on", "within_strata_importance", "lead"}
     assert all(set(r) == keys for r in d["descriptors"])
+
+
+def test_family_leads_come_first(ranked):
+    """The anion's effect is split among its three columns; the second factor (cn_mean, coordination)
+    is ranked second as its family's lead, ahead of the anion's other columns."""
+    d = ranked[0]["onset"]
+    fams = [f["family"] for f in d["families"]]
+    assert fams[:2] == ["anion", "coordination"]
+    top = d["descriptors"][:2]
+    assert [r["family"] for r in top] == ["anion", "coordination"] and all(r["lead"] for r in top)
+    assert top[1]["descriptor"] == "cn_mean"
+    rest = [r for r in d["descriptors"] if r["rank"] is not None and not r["lead"]]
+    assert [r["importance"] for r in rest] == sorted((r["importance"] for r in rest), reverse=True)
+    assert [r["rank"] for r in d["descriptors"] if r["rank"] is not None] == list(range(1, 1 + len(rest) + sum(
+        r["lead"] for r in d["descriptors"] if r["rank"] is not None)))
 
 
 def test_distractor_rides_along_with_the_top_driver(ranked):

@@ -205,7 +205,41 @@ def test_stage_outputs_and_report(reference):
     for key in ("effects", "attribution_elements", "attribution_bonds", "attribution_angles"):
         assert rep[key]["rows"] and set(rep[key]["rows"][0]) == set(rep[key]["columns"])
     assert len(rep["representatives"]) == 2 and rep["representatives"][0]["top_atoms"]
+    # attribution maps: one per cluster's first representative, drawn, indexed in summary.json, in the report
+    assert summary["maps"] and len(rep["maps"]) == len(summary["maps"])
+    for mp in summary["maps"]:
+        assert (op.explain_dir(run_dir) / mp["file"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert all(m["data_uri"].startswith("data:image/png;base64,") for m in rep["maps"])
     assert stage.explain_summary_for_report(run_dir.parent / "nowhere")["available"] is False
+
+
+def test_attribution_map_geometry_reproduces_the_bonds(shared_data):
+    """The map's bond vectors (neighbour image recovered from the recorded length) have the graph's
+    lengths and point from the bond's first atom to an image of its second."""
+    from pymatgen.io.vasp import Poscar
+
+    from toolkit.data.graphs import structure_graph
+    from toolkit.explain.maps import _image_vectors, attribution_map
+
+    s = Poscar.from_file(str(shared_data / "paper_structures" / "POSCAR_AlPO4_mp-7848.vasp")).structure
+    g = structure_graph(s)
+    src, dst = g.edge_src.astype(np.int64), g.edge_dst.astype(np.int64)
+    length = np.linalg.norm(g.edge_vec.astype(np.float64), axis=1)
+    lat = s.lattice.matrix
+    vec = _image_vectors(s.cart_coords, lat, src, dst, length)
+    np.testing.assert_allclose(np.linalg.norm(vec, axis=1), length, atol=1e-6)
+    frac = np.linalg.solve(lat.T, (s.cart_coords[src] + vec - s.cart_coords[dst]).T).T  # a lattice translation
+    np.testing.assert_allclose(frac, np.round(frac), atol=1e-6)
+    rng = np.random.default_rng(0)
+    rec = {"id": "x", "formula": s.composition.reduced_formula, "cluster": 0, "target_kind": "window",
+           "atoms": [{"site": i, "element": sp.symbol, "attribution": float(rng.normal())} for i, sp in enumerate(s.species)],
+           "bonds": {"src": src.tolist(), "dst": dst.tolist(), "length": length.tolist(),
+                     "attribution": rng.normal(size=len(src)).tolist()},
+           "angles": {"centre": [0, 1], "angle_deg": [100.0, 120.0], "attribution": [0.1, -0.2]},
+           "target": 1.0, "baseline_target": 0.2, "total": 0.8}
+    fig = attribution_map(rec, lat, s.frac_coords)
+    # structure panel with at most the 40 strongest bonds (i->j and j->i drawn once), bar panel, colour bar
+    assert len(fig.axes) == 3 and 0 < len(fig.axes[0].lines) <= min(40, len(src) - 1)
 
 
 def test_resume_after_deleted_and_failed_shards_is_identical(prepared, reference, monkeypatch):
@@ -306,8 +340,9 @@ def test_planted_rule_signs(tmp_path):
 
     Covers: edits -> production graph builder -> collate -> model -> descriptors -> shifts -> summary, with a
     model whose onset follows the planted rule exactly; the predicted shift must have the rule's sign for every
-    planted driver: anion (A[anion]), cation class (C[class]), bond length (-1.5 eV/Å, via strain). It does not
-    cover whether a *trained* ALIGNN learned the rule (training within the time budget is not possible here)."""
+    planted driver, anion (A[anion]), cation class (C[class]), bond length (-1.5 eV/Å, via strain), and the
+    rule's size within 0.02 eV + 2 %. Whether a *trained* ALIGNN learned the rule is
+    test_trained_model_recovers_the_planted_drivers."""
     cfg = load_config(None, ["data.source=benchmark", "data.benchmark.n_materials=24", "data.grid.num=301",
                              "data.shard_size=24", "data.workers=1"])
     prepare.run(cfg, tmp_path)
@@ -350,6 +385,31 @@ def test_planted_rule_signs(tmp_path):
         assert np.sign(d) == expect, r
         checked[key] += 1
     assert min(checked.values()) >= 5, checked
+    # ... and in size: the rule's own shift of E0 for the edit (onset = E0 + a constant for one edge shape),
+    # on materials whose onset stays in [2, 7.8] eV before and after, where the soft clamp is the identity within
+    # 1 %. Tolerance 0.02 eV + 2 %: the onset is a threshold crossing interpolated on a 0.05 eV grid (error
+    # < 0.01 eV on these edges) and the clamp's slope is >= 0.99 there.
+    bond = dict(zip([str(x) for x in reader.ids], reader.column("benchmark/bond_length_mean")))
+    sized = {"anion": 0, "cation": 0, "bond_length": 0}
+    for r in rows:
+        d, det = r["delta_onset"], r["detail"]
+        base = originals[r["id"]]["features"]["onset"]
+        if not (math.isfinite(d) and 2.0 <= base <= 7.8 and 2.0 <= base + d <= 7.8):
+            continue
+        comp = next(m["structure"] for m in mats if m["id"] == r["id"]).composition
+        anions = sum(n for el, n in comp.items() if el.symbol in bm.ANIONS)
+        if r["type"] == "strain":
+            expect, key = -bm.BOND_SLOPE * det["strain"] * bond[r["id"]], "bond_length"
+        elif r["type"] == "anion_substitution":
+            expect = (bm.ONSET_ANION[bm.ANIONS[det["to"]][0]] - bm.ONSET_ANION[bm.ANIONS[det["from"]][0]]) \
+                * comp[det["from"]] / anions
+            key = "anion"
+        else:
+            dc = float(model.c[ed.Element(det["to"]).Z] - model.c[ed.Element(det["from"]).Z])
+            expect, key = dc * comp[det["from"]] / (comp.num_atoms - anions), "cation"
+        assert abs(d - expect) <= 0.02 + 0.02 * abs(expect), (r["type"], r["label"], r["id"], d, expect)
+        sized[key] += 1
+    assert min(sized.values()) >= 5, sized
     # the summary sentence: replacing O by S lowers the predicted onset, in every oxide where it was made
     table = stage.summarise([{**r, "detail": json.dumps(r["detail"]), "extrapolated": str(r["extrapolated"])}
                              for r in rows])
@@ -364,9 +424,10 @@ def test_planted_rule_signs(tmp_path):
 def test_trained_model_recovers_the_planted_drivers(tmp_path):
     """The issue's bar on a *trained* model: train 1+1 layers, hidden 32 on 300 benchmark materials (30 epochs,
     onset R^2 ~0.99), then the counterfactual shifts of the predicted onset must have the planted rule's sign for
-    every planted driver: anion (chalcogen swaps, sign of ΔA[anion]), cation class (every substitution that changes
-    C[class], sign of ΔC) and bond length (uniform ±4 % strain: the onset at +4 % lies below the one at -4 %, mean
-    over materials; the small model learns this slope only weakly, ~0.02 eV where the rule gives ~0.3 eV).
+    every planted driver: anion (chalcogen swaps, sign of ΔA[anion], and size: see below), cation class (every
+    substitution that changes C[class], sign of ΔC) and bond length (uniform ±4 % strain: the onset at +4 % lies
+    below the one at -4 %, mean over materials; the small model learns this slope only weakly, ~0.02 eV where the
+    rule gives ~0.3 eV: explain reports that, the test does not hide it).
     Measured 2026-12-02: 70 of 70 cation pairs and every chalcogen pair agree in sign."""
     from toolkit.train import run as train
 
@@ -400,6 +461,26 @@ def test_trained_model_recovers_the_planted_drivers(tmp_path):
     assert {k[0] for k in by} == {"anion", "cation_class"}
     assert sum(k[0] == "cation_class" for k in by) >= 20 and sum(k[0] == "anion" for k in by) >= 6
     assert not wrong, wrong
+    # size of the anion effect: the model sees anion identity and bond length together (the benchmark's sulfide
+    # bonds are longer than its oxide bonds, and longer bonds lower the onset), so an unrescaled swap moves the
+    # prediction by between the pure rule dA and the data-level difference dA - 1.5 eV/Å x (mean bond length of
+    # the new anion class - of the old); accepted: within that band widened by 25 % (measured 2026-12-03: the
+    # predicted shifts are 1.23-1.47 x dA, i.e. at the data-level end)
+    reader = DatasetReader(tmp_path / "dataset.zarr")
+    cls = np.asarray(reader.column("benchmark/anion")).astype(str)
+    bl = np.asarray(reader.column("benchmark/bond_length_mean"), dtype=np.float64)
+    dbar = {c: float(np.nanmean(bl[cls == c])) for c in set(cls.tolist())}
+    sizes = {}
+    for (kind, _, label), v in by.items():
+        if kind != "anion":
+            continue
+        a, b = label.split("->")
+        da = bm.ONSET_ANION[bm.ANIONS[b][0]] - bm.ONSET_ANION[bm.ANIONS[a][0]]
+        ddata = da - bm.BOND_SLOPE * (dbar[bm.ANIONS[b][0]] - dbar[bm.ANIONS[a][0]])
+        lo, hi = sorted((abs(da), abs(ddata)))
+        sizes[label] = (round(float(np.mean(v)), 2), round(da, 2), round(ddata, 2))
+        assert 0.75 * lo <= abs(float(np.mean(v))) <= 1.25 * hi and np.sign(ddata) == np.sign(da), sizes[label]
+    print("anion swaps: (predicted, rule dA, data-level) onset shift, eV:", sizes)
     # bond length: planted dE0/dd = -1.5 eV/Å, so the onset at +4 % strain lies below the onset at -4 % (the
     # material-wise difference; the small model's slope is weak, each mean alone is within ~0.01 eV of zero)
     both = sorted(set(strained[0.04]) & set(strained[-0.04]))

@@ -157,6 +157,32 @@ def test_report_renders_without_console_errors(report, tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 50_000
 
 
+def _map_uri() -> str:
+    """A real attribution map (toolkit.explain.maps) of rock-salt NaCl with made-up attributions, as a data URI."""
+    import base64
+    import io
+
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from pymatgen.core import Lattice, Structure
+
+    from toolkit.data.graphs import structure_graph
+    from toolkit.explain.maps import attribution_map
+
+    s = Structure.from_spacegroup("Fm-3m", Lattice.cubic(5.64), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    g = structure_graph(s)
+    rec = {"id": "NaCl", "formula": "NaCl", "cluster": 0, "target_kind": "window",
+           "atoms": [{"site": i, "element": sp.symbol, "attribution": 0.1 * (-1) ** i} for i, sp in enumerate(s.species)],
+           "bonds": {"src": g.edge_src.tolist(), "dst": g.edge_dst.tolist(),
+                     "length": np.linalg.norm(g.edge_vec, axis=1).tolist(), "attribution": np.linspace(-1, 1, len(g.edge_src)).tolist()},
+           "angles": {"centre": [], "angle_deg": [], "attribution": []}, "target": 1.0, "baseline_target": 0.0, "total": 1.0}
+    fig = attribution_map(rec, s.lattice.matrix, s.frac_coords)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (scripts/setup.sh --test installs it)")
 def test_report_with_counterfactuals_renders_without_console_errors(report, tmp_path, monkeypatch):
     """The report as explain's finalize re-renders it (saved figures + attribution.json + the
@@ -173,12 +199,13 @@ def test_report_with_counterfactuals_renders_without_console_errors(report, tmp_
                "attribution_elements": {"columns": ["key", "mean_per_material"], "rows": [{"key": "O", "mean_per_material": 0.4}]},
                "attribution_quality": {"n_materials": 7, "completeness_error_max": 1e-4, "completeness_error_median": 1e-7,
                                        "share_mean": {"atoms": 0.6, "bonds": 0.3, "angles": 0.1}}}
+    explain["maps"] = [{"id": "NaCl", "formula": "NaCl", "cluster": 0, "data_uri": _map_uri()}]
     monkeypatch.setattr(analyze, "_explain", lambda rd: explain)
     page = analyze.rerender_report(run_dir)
     state, errors, requests, png = _open_in_chromium(page, tmp_path)
     assert not errors, errors
     assert all(u.startswith(("file:", "data:")) for u in requests), requests
-    assert state["images"] == 6 and state["decoded"] == 6, state  # the saved figures came back
-    assert "What the model learned" in state["text"]
+    assert state["images"] == 7 and state["decoded"] == 7, state  # the saved figures came back + one attribution map
+    assert "What the model learned" in state["text"] and "attribution maps of representative" in state["text"]
     assert "replacing S by O raises the predicted onset" in state["text"]  # rendered, not only in the source
     assert "descriptor ranking vs. the model's counterfactuals" in (page.read_text())

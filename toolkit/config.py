@@ -212,6 +212,8 @@ class AnalyzeConfig(_Section):
                                 "two children each hold at least this many materials")
     max_splits: int = Field(500, ge=1, description="at most this many splits explained per layer (largest first)")
     drivers: bool = Field(True, description="rank the drivers of each spectral feature (attribution.json 'drivers')")
+    condense: bool = Field(True, description="one entry per signal in cluster and split rankings: descriptors that "
+                           "say the same thing on the data are folded under one head ('covers'; toolkit.analyze.signals)")
     standardize: bool = True
     pca_components: int | None = Field(None, ge=1)
     scalable_threshold: int = Field(20_000, ge=100, description="above this many materials use micro-cluster Ward "

@@ -196,16 +196,6 @@ def analyze_inputs(cfg, inp: Inputs) -> dict[str, Any]:
     names, aliases = attr.dedupe_categorical(inp.table)
     targets = prb.probe_targets(inp.table)
     onset = onset_of(inp.table)
-    results: list[LayerResult] = []
-    figures: dict[str, dict[str, str]] = {}
-    for name in layer_names:
-        x, mask = _features(name, cfg, inp.emb, inp.reference, inp.has_spec)
-        lr = analyze_layer(cfg, inp, name, x, mask, names, targets)
-        if lr is None:
-            continue
-        results.append(lr)
-        _write_linkage(out / "linkage", lr)
-        figures[name] = write_layer_figures(lr, inp.energy, onset, figdir)
     drivers = None
     if cfg.analyze.drivers:
         from toolkit.analyze.drivers import rank_drivers
@@ -213,6 +203,21 @@ def analyze_inputs(cfg, inp: Inputs) -> dict[str, Any]:
         t1 = time.time()
         drivers = rank_drivers(inp.table, names, seed=cfg.analyze.seed, max_rows=FIT_MAX)
         log.info("analyze: drivers of %d spectral features in %.1f s", len(drivers), time.time() - t1)
+    signals = None
+    if cfg.analyze.condense:
+        from toolkit.analyze.signals import SignalIndex, riders
+
+        signals = SignalIndex(inp.table, names, riders(drivers), seed=cfg.analyze.seed, max_rows=FIT_MAX)
+    results: list[LayerResult] = []
+    figures: dict[str, dict[str, str]] = {}
+    for name in layer_names:
+        x, mask = _features(name, cfg, inp.emb, inp.reference, inp.has_spec)
+        lr = analyze_layer(cfg, inp, name, x, mask, names, targets, signals)
+        if lr is None:
+            continue
+        results.append(lr)
+        _write_linkage(out / "linkage", lr)
+        figures[name] = write_layer_figures(lr, inp.energy, onset, figdir)
     result = assemble_attribution(cfg, inp, results, names, aliases, truth=inp.reader.attrs.get("benchmark_truth"),
                                   drivers=drivers)
     figures["_global"] = write_comparison_figure(result["layer_comparison"]["ami_vs_reference"], result["probes"], figdir)

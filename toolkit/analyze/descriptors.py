@@ -26,7 +26,8 @@ failures table, never guessed. Every name belongs to a named family (:func:`desc
   d-electron counts are missing with every method's reason. (Anion states are left out: they are
   fixed by the anion class.)
 * ``anion:<class>`` from the anion species (negative oxidation state, else the most electronegative
-  element when it is O, S, Se, Te, N or a halogen); ``electronegativity_diff`` (max - min Pauling
+  element when it is O, S, Se, Te, N or a halogen; a halide also as ``anion:fluoride`` / ``chloride`` /
+  ``bromide`` / ``iodide``); ``electronegativity_diff`` (max - min Pauling
   electronegativity, pymatgen ``Element.X``) [anion].
 * ``cation_class:<class>`` per cation species and state (:func:`toolkit.analyze.chemistry.cation_classes`):
   alkali, alkaline_earth, rare_earth from the element; d0 / partial_d / d10 of d-block cations (d count
@@ -86,11 +87,14 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-DESCRIPTOR_VERSION = 4  # bump when a definition changes (invalidates the cache)
+DESCRIPTOR_VERSION = 5  # bump when a definition changes (invalidates the cache)
 BLOCK = 32  # materials per cache block
 
 ANION_CLASS = {"O": "oxide", "S": "sulfide", "Se": "selenide", "Te": "telluride", "N": "nitride",
                "F": "halide", "Cl": "halide", "Br": "halide", "I": "halide"}
+#: halide anions also carry their own class (``anion:halide`` and ``anion:iodide``): "iodides" is what a
+#: chemist says of a cluster of iodides, "halides" of one mixing them
+HALIDE_CLASS = {"F": "fluoride", "Cl": "chloride", "Br": "bromide", "I": "iodide"}
 POLYHEDRA = ("tetrahedral", "octahedral", "cubic", "linear", "trigonal_planar", "square_planar", "other")
 CATION_CLASSES = ("alkali", "alkaline_earth", "d0", "d10", "partial_d", "lone_pair_p", "rare_earth", "other")
 # LocalStructOrderParams type -> (coordination number, polyhedron)
@@ -293,6 +297,8 @@ def material_descriptors(structure, coordination: str = "crystalnn") -> tuple[di
     for el in anions:
         if el in ANION_CLASS:
             vals[f"anion:{ANION_CLASS[el]}"] = 1.0
+        if el in HALIDE_CLASS:
+            vals[f"anion:{HALIDE_CLASS[el]}"] = 1.0
     if not oxi.ok:
         fails.append(("cation_class", f"no oxidation state ({oxi.reason})"))
     else:

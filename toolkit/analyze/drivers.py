@@ -19,6 +19,8 @@ spectra and ``pred:<same>`` of the predictions), on the materials where it is de
    conditional importance vanishes (< ``vanish`` x its marginal R^2 = marginal^2, and < 0.01 +
    ``vanish`` x X's importance) is reported as riding along with X (``confounded_with: X``) and
    not ranked as a cause (``rank: null``, listed after the ranked descriptors).
+   The ranked causes list the *lead* of every family that matters first, families in the order of
+   their joint importance (:func:`family_leads_first`), then the other descriptors by importance.
 4. **Within strata.** The dominant family (highest family importance) defines strata: its classes
    (for a 0/1 family, the first class present in each material) or, for a continuous family, the
    quartiles of its most important descriptor. In every stratum with at least ``min_stratum``
@@ -42,6 +44,7 @@ log = logging.getLogger(__name__)
 
 FEATURES = ("onset", "edge_integral", "peak_1", "peak_2")
 TOP = 25  # descriptors per feature in attribution.json
+LEAD_MIN = 0.01  # a family leads the ranking when its joint importance (drop in R^2) is at least this
 
 
 def _model(seed: int):
@@ -155,7 +158,7 @@ def _strata(x: np.ndarray, names: list[str], fam: list[str], top_family: str, im
 
 def feature_drivers(x: np.ndarray, y: np.ndarray, names: list[str], seed: int = 0, repeats: int = 3,
                     marginal_rho: float = 0.2, partner_rho: float = 0.5, vanish: float = 0.25,
-                    min_stratum: int = 50, top: int = TOP) -> dict[str, Any]:
+                    min_stratum: int = 50, top: int = TOP, lead_min: float = LEAD_MIN) -> dict[str, Any]:
     """``drivers.<feature>`` for descriptors ``x`` (n, D) and the feature ``y`` (n,), all finite y."""
     import sklearn.ensemble  # noqa: F401 - load OpenMP before threadpool_limits, or the limit misses it
 
@@ -202,16 +205,17 @@ def feature_drivers(x: np.ndarray, y: np.ndarray, names: list[str], seed: int = 
                      "conditioned_on": names[partner[j]] if j in partner else None,
                      "marginal": round(float(marg[j]), 4), "confounded_with": conf,
                      "within_strata_importance": strata["importance"].get(names[j]) if strata.get("importance") else None})
-    ranked = sorted((r for r in rows if r["confounded_with"] is None), key=lambda r: -r["importance"])
+    by_importance = sorted((r for r in rows if r["confounded_with"] is None), key=lambda r: -r["importance"])
     riders = sorted((r for r in rows if r["confounded_with"] is not None), key=lambda r: -r["importance"])
-    for i, r in enumerate(ranked):
-        r["rank"] = i + 1
-    for r in riders:
-        r["rank"] = None
-    keep = ranked[:top] + riders[:top]
     fam_rows = sorted(({"family": f, "importance": round(float(fimp[i].mean()), 5),
                         "importance_std": round(float(fimp[i].std()), 5)} for i, f in enumerate(families)),
                       key=lambda r: -r["importance"])
+    ranked = family_leads_first(by_importance, fam_rows, lead_min)
+    for i, r in enumerate(ranked):
+        r["rank"] = i + 1
+    for r in riders:
+        r["rank"], r["lead"] = None, False
+    keep = ranked[:top] + riders[:top]
     if strata.get("importance"):
         strata["importance"] = dict(sorted(strata["importance"].items(), key=lambda t: -t[1])[:top])
     return {"families": fam_rows, "descriptors": keep, "confounded": [r["descriptor"] for r in riders],
@@ -219,6 +223,27 @@ def feature_drivers(x: np.ndarray, y: np.ndarray, names: list[str], seed: int = 
             "model": {"model": "HistGradientBoostingRegressor", "r2_holdout": round(r2, 4), "n": int(n),
                       "n_train": int(len(tr)), "n_test": int(len(te)), "n_descriptors": int(d), "repeats": repeats,
                       "importance": "drop in hold-out R^2 when shuffled (permutation)"}}
+
+
+def family_leads_first(by_importance: list[dict], fam_rows: list[dict], lead_min: float = 0.01) -> list[dict]:
+    """The ranking of a feature's causes: first the *lead* of every family that matters (the family's
+    most important ranked descriptor, families in the order of their joint importance, those whose
+    joint importance is at least ``lead_min`` and above two SDs of its repeats), marked ``lead: true``;
+    then every other ranked descriptor by its own importance.
+
+    Why: permutation importance splits a factor's effect among the correlated columns that carry it
+    (``anion:halide`` and ``anion:oxide`` both carry "the anion"), so a ranking by single columns puts
+    two columns of the dominant factor before the second factor. Families are permuted jointly, so
+    their order is the order of the factors."""
+    first: dict[str, dict] = {}
+    for r in by_importance:
+        if r["importance"] > 0:
+            first.setdefault(r["family"], r)
+    leads = [first[f["family"]] for f in fam_rows
+             if f["family"] in first and f["importance"] >= lead_min and f["importance"] > 2.0 * f["importance_std"]]
+    for r in by_importance:
+        r["lead"] = any(r is x for x in leads)
+    return leads + [r for r in by_importance if not r["lead"]]
 
 
 def _within_strata(x, y, names, fam, families, fimp, imp_m, seed, repeats, min_stratum, rng) -> dict[str, Any]:

@@ -12,9 +12,10 @@ two children:
 Materials missing a descriptor are left out of its test. The p-values of all splits x descriptors of
 one clustering are Benjamini-Hochberg corrected together (``q``). ``direction`` is the child node
 in which the descriptor is higher (more prevalent). Descriptors of a split are ranked, among those
-with q < ``alpha``, by the standardized effect (|SMD|; for 0/1 descriptors the SMD of the indicator)
-times ``coverage``, the share of the split's materials where the descriptor is defined (so a bond
-length defined for 10 of 500 materials does not name a split), then by q.
+with q < ``alpha``, by the standardized effect (|SMD|, counted up to ``SMD_CAP`` = 3; for 0/1
+descriptors the SMD of the indicator) times ``coverage``, the share of the split's materials where
+the descriptor is defined (so a bond length defined for 10 of 500 materials does not name a split),
+then by q; the best ``top`` of each side are kept.
 
 Cost: per-node counts, sums and sums of squares of every descriptor come from cumulative sums over
 the tree's leaf order (every node covers a contiguous range of leaves), so all splits are tested
@@ -36,7 +37,9 @@ from toolkit.analyze.clustering import CHUNK_ROWS, cut_nodes, leaf_order
 log = logging.getLogger(__name__)
 
 ALPHA = 0.05
-TOP = 5  # descriptors kept per split in attribution.json
+TOP = 5  # descriptors kept per side of a split in attribution.json
+SMD_CAP = 3.0  # |standardized effect| counts up to this in the ranking (a bond length defined in few materials
+#               with a tiny spread would otherwise name a split)
 
 
 def leaf_stats(values: np.ndarray, leaf_of: np.ndarray, n_leaves: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -179,12 +182,14 @@ def explain_tree(z: np.ndarray, leaf_of: np.ndarray, leaf_sizes: np.ndarray, val
         depth[nd] = 0 if up is None else depth[up] + 1
         qi, ei, si = q[i], r["effect"][i], r["std_effect"][i]
         cover = r["n"][i] / max(1, size[nd])  # share of the split's materials where the descriptor is defined
-        score = np.abs(si) * cover
+        score = np.minimum(np.abs(si), SMD_CAP) * cover
         ok = np.flatnonzero(np.isfinite(qi))
         sig = ok[qi[ok] < alpha]
         rank = sig[np.lexsort((qi[sig], -score[sig]))] if len(sig) else ok[np.argsort(qi[ok], kind="stable")]
+        higher_a = ei[rank] > 0  # the best ``top`` of each side, in rank order
+        rank = rank[(np.cumsum(higher_a) <= top) & higher_a | (np.cumsum(~higher_a) <= top) & ~higher_a]
         descs = []
-        for j in rank[:top]:
+        for j in rank:
             descs.append({"descriptor": names[j], "family": fam[j], "kind": "categorical" if categorical[j] else "continuous",
                           "effect": round(float(ei[j]), 4), "std_effect": round(float(si[j]), 4),
                           "direction": a if ei[j] > 0 else b,
@@ -194,6 +199,22 @@ def explain_tree(z: np.ndarray, leaf_of: np.ndarray, leaf_sizes: np.ndarray, val
                               "children": [a, b], "sizes": [int(size[a]), int(size[b])],
                               "distance": round(float(z[nd - m, 2]), 6), "descriptors": descs})
     return out
+
+
+def node_members(z: np.ndarray, leaf_of: np.ndarray, leaf_sizes: np.ndarray):
+    """A function ``node -> row indices`` (into ``leaf_of``) of the materials under a tree node: the
+    materials sorted once by their leaf's position in the dendrogram order, so every node is a
+    contiguous range of them (O(N log N) once, O(size) per node)."""
+    order, start, stop = leaf_order(z)
+    pos = np.empty(len(order), dtype=np.int64)
+    pos[order] = np.arange(len(order))
+    rows = np.argsort(pos[np.asarray(leaf_of, dtype=np.int64)], kind="stable")
+    cw = np.concatenate([[0], np.cumsum(np.asarray(leaf_sizes, dtype=np.int64)[order])])
+
+    def members(node: int) -> np.ndarray:
+        return rows[cw[start[node]]:cw[stop[node]]]
+
+    return members
 
 
 def levels(z: np.ndarray, leaf_sizes: np.ndarray, ks: list[int], default_k: int) -> list[dict[str, Any]]:

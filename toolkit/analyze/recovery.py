@@ -28,7 +28,12 @@ attribute ``benchmark_truth`` of ``data.source: benchmark`` or ``realbench``; do
    named for a feature it acts on when an accepted name is in that ranking's top 3 (causes only:
    entries with ``rank: null`` are skipped); chance as above over the tested descriptors; the
    distractor rate is the share of scored features whose top 3 holds a distractor.
-6. **Overall**: pooled recall and chance over every layer's pairs, coverage of the best layer and
+6. **Hierarchy** (when split membership is given): a driver *separates* an explained split when one of
+   its indicators is carried by >= 70 % of one child and <= 30 % of the other (categorical), or the
+   children's means differ by >= 1 SD (continuous); it is named when the split's top 3 significant
+   descriptors (both sides, in the split's ranking) name it. Recall over (split, driver) pairs, chance
+   from 3 random tested descriptors.
+7. **Overall**: pooled recall and chance over every layer's pairs, coverage of the best layer and
    coverage over all layers together (a driver named in any layer), mean distractor rate;
    ``summary`` is one headline line.
 """
@@ -202,6 +207,28 @@ def _defines(d: dict, vals: _Values, pop: np.ndarray, members: np.ndarray, cache
     return out
 
 
+def _score_group(m: np.ndarray, top_flat: list[str], groups: list[list[str]], drivers: dict[str, dict], vals: _Values,
+                 pop: np.ndarray, cache: dict, rng: np.random.Generator, sources: dict[str, str]):
+    """One group of materials (a cluster, or a child of a hierarchy split) with the names of its top
+    descriptors ``top_flat`` and its tested descriptors ``groups`` (each with its aliases):
+    ``({driver: defining indicators}, [(driver, named, chance hits (CHANCE_DRAWS,))])``."""
+    defined = {}
+    for dn, d in drivers.items():
+        labs = _defines(d, vals, pop, m, cache)
+        sources[dn] = cache[id(d)][1]
+        if labs:
+            defined[dn] = labs
+    if not defined:
+        return defined, []
+    draws = _draws(len(groups), TOP_K, rng, CHANCE_DRAWS)
+    out = []
+    for dn in defined:
+        ok = _names_match(top_flat, drivers[dn]["descriptors"])
+        hit = np.array([_names_match(g, drivers[dn]["descriptors"]) for g in groups], bool)
+        out.append((dn, ok, hit[draws].any(axis=1) if draws.size else np.zeros(CHANCE_DRAWS, bool)))
+    return defined, out
+
+
 # ----------------------------------------------------------------------------- chance
 def _draws(n: int, k: int, rng: np.random.Generator, r: int) -> np.ndarray:
     """(r, min(k, n)) indices: k distinct of range(n) per row, uniform."""
@@ -251,13 +278,15 @@ def planted_values(reader: Any, truth: dict, indices: np.ndarray | None = None) 
 
 # ----------------------------------------------------------------------------- the score
 def recovery_score(truth: dict, attribution: dict, table: Any, labels: dict[str, np.ndarray] | None = None,
-                   seed: int = 0) -> dict[str, Any]:
+                   seed: int = 0, split_members: dict[str, Any] | None = None) -> dict[str, Any]:
     """Recovery of ``truth``'s planted drivers by ``attribution`` (attribution.json dict) with a
     chance baseline (module docstring; docs/benchmark.md "Recovery score").
 
     ``table``: per-material values, a DescriptorTable or a mapping ``{"ids": [...], <factor>: array}``
     of planted values (the store's ``benchmark/<factor>``). ``labels``: optional ``layer -> cluster
-    label per row of table`` used for clusters without ``members``. Returns a JSON-able dict:
+    label per row of table`` used for clusters without ``members``. ``split_members``: optional
+    ``layer -> (node -> rows of table)`` under which the hierarchy's splits are scored too (each child
+    of a split as a group named by the split's descriptors higher on its side). Returns a JSON-able dict:
     ``summary`` (one line), ``overall``, ``per_layer``, ``per_driver``, ``features``, ``hierarchy``,
     ``rules``."""
     drivers, distractors = drivers_of(truth)
@@ -305,22 +334,13 @@ def recovery_score(truth: dict, attribution: dict, table: Any, labels: dict[str,
                     if a not in g:
                         g.append(a)
             top_flat = _flat(top)
-            defined = {}
-            for dn, d in drivers.items():
-                labs = _defines(d, vals, pop, m, cache)
-                sources[dn] = cache[id(d)][1]
-                if labs:
-                    defined[dn] = labs
+            tested = list(cl.get("tested") or tested_layer or [r["descriptor"] for r in cl.get("descriptors") or []])
+            defined, scored = _score_group(m, top_flat, [[t, *aliases.get(t, [])] for t in tested], drivers,
+                                           vals, pop, cache, rng, sources)
             if not defined:
                 continue
-            tested = list(cl.get("tested") or tested_layer or [r["descriptor"] for r in cl.get("descriptors") or []])
-            groups = [[t, *aliases.get(t, [])] for t in tested]
-            draws = _draws(len(groups), TOP_K, rng, CHANCE_DRAWS)
             named_here, dist_here = [], _names_match(top_flat, dist_names)
-            for dn, labs in defined.items():
-                ok = _names_match(top_flat, drivers[dn]["descriptors"])
-                hit = np.array([_names_match(g, drivers[dn]["descriptors"]) for g in groups], bool)
-                ch = hit[draws].any(axis=1) if draws.size else np.zeros(CHANCE_DRAWS, bool)
+            for dn, ok, ch in scored:
                 chance_hits.append(ch)
                 cover_draw[dn] |= ch
                 pairs.append((c, dn, ok))
@@ -352,7 +372,8 @@ def recovery_score(truth: dict, attribution: dict, table: Any, labels: dict[str,
         pooled["chance"] += float(np.sum(np.mean(chance_hits, axis=1))) if chance_hits else 0.0
 
     feats = _feature_scores(attribution.get("drivers") or {}, drivers, dist_names, sorted(all_tested), rng)
-    hier = _hierarchy_note(attribution.get("hierarchy"))
+    hier = _hierarchy_scores(attribution, split_members, drivers, dist_names, vals, rng) if split_members else \
+        _hierarchy_note(attribution.get("hierarchy"))
     n_drv = len(drivers)
     best = max(per_layer, key=lambda n: (per_layer[n]["coverage"] or 0, per_layer[n]["recall"] or 0)) if per_layer else None
     covered = sorted(n for n, ls in named_any.items() if ls)
@@ -376,7 +397,7 @@ def recovery_score(truth: dict, attribution: dict, table: Any, labels: dict[str,
                       "named": bool(named_any[n]),
                       "named_in_feature_ranking": feats["per_driver"].get(n)}
                   for n, d in drivers.items()}
-    return {"version": 2, "summary": _summary(overall, per_layer, n_drv, feats), "overall": overall,
+    return {"version": 2, "summary": _summary(overall, per_layer, n_drv, feats, hier), "overall": overall,
             "per_layer": per_layer, "per_driver": per_driver, "features": feats, "hierarchy": hier,
             "distractors": sorted(distractors),
             "rules": {"top_k": TOP_K, "min_cluster": MIN_CLUSTER, "categorical": {
@@ -419,17 +440,99 @@ def _feature_scores(rankings: dict, drivers: dict[str, dict], dist_names: list[s
 
 
 def _hierarchy_note(hier: Any) -> dict[str, Any]:
-    """Hierarchy splits are scored only when they carry member ids (they do not today)."""
+    """Why the hierarchy was not scored."""
     if not hier:
         return {"scored": False, "reason": "no hierarchy in the attribution"}
-    return {"scored": False, "reason": "hierarchy splits list child sizes, not member ids; clusters are scored"}
+    return {"scored": False, "reason": "no split membership given (too many materials, or not requested)"}
+
+
+def _separates(d: dict, vals: _Values, a: np.ndarray, b: np.ndarray, pop_sd: dict) -> bool:
+    """Whether driver ``d`` separates the two children ``a`` and ``b`` (row indices) of a split: one of
+    its indicators is carried by >= 70 % of one child and <= 30 % of the other (categorical), or the
+    children's means differ by >= 1 SD of the layer's materials (continuous)."""
+    if d["type"] == "continuous":
+        x, _ = vals.continuous(d)
+        if x is None:
+            return False
+        xa, xb = x[a][np.isfinite(x[a])], x[b][np.isfinite(x[b])]
+        sd = pop_sd.get(id(d), 0.0)
+        return len(xa) >= MIN_CLUSTER and len(xb) >= MIN_CLUSTER and sd > 0 and \
+            abs(xa.mean() - xb.mean()) >= CONT_MIN_SD * sd
+    ind, _ = vals.indicators(d)
+    for _, x in ind:
+        xa, xb = x[a][np.isfinite(x[a])], x[b][np.isfinite(x[b])]
+        if len(xa) < MIN_CLUSTER or len(xb) < MIN_CLUSTER:
+            continue
+        hi, lo = max(xa.mean(), xb.mean()), min(xa.mean(), xb.mean())
+        if hi >= CAT_MIN_RATE and lo <= 1.0 - CAT_MIN_RATE:
+            return True
+    return False
+
+
+def _hierarchy_scores(attribution: dict, split_members: dict[str, Any], drivers: dict[str, dict],
+                      dist_names: list[str], vals: _Values, rng: np.random.Generator) -> dict[str, Any]:
+    """Every explained split whose children both hold >= MIN_CLUSTER materials: the drivers that
+    separate its children (:func:`_separates`), named when one of the split's top 3 significant
+    descriptors (both sides, in the split's ranking) names it; chance from 3 of the layer's tested
+    descriptors drawn at random."""
+    per_layer: dict[str, Any] = {}
+    pairs = named = 0
+    chance_sum = 0.0
+    dist_hits: list[bool] = []
+    for lname, H in (attribution.get("hierarchy") or {}).items():
+        members = split_members.get(lname)
+        L = (attribution.get("layers") or {}).get(lname) or {}
+        if members is None or not H.get("splits"):
+            continue
+        aliases = L.get("aliases") or {}
+        groups = [[t, *aliases.get(t, [])] for t in (L.get("tested") or [])]
+        alpha = H.get("alpha", 0.05)
+        pop = np.asarray(members(max(sp["node"] for sp in H["splits"])), dtype=np.int64)
+        pop_sd = {}
+        for d in drivers.values():
+            x, _ = vals.continuous(d) if d["type"] == "continuous" else (None, None)
+            if x is not None:
+                xp = x[pop][np.isfinite(x[pop])]
+                pop_sd[id(d)] = float(xp.std()) if len(xp) > 1 else 0.0
+        draws = _draws(len(groups), TOP_K, rng, CHANCE_DRAWS)
+        lp = ln = 0
+        lc = 0.0
+        by_driver: dict[str, list[bool]] = {}
+        for sp in H["splits"]:
+            ca, cb = (np.asarray(members(c), dtype=np.int64) for c in sp["children"])
+            if min(len(ca), len(cb)) < MIN_CLUSTER:
+                continue
+            top = [d for d in sp["descriptors"] if d["q"] < alpha][:TOP_K]
+            top_flat = [n for d in top for n in (d["descriptor"], *aliases.get(d["descriptor"], []))]
+            sep = [dn for dn, d in drivers.items() if _separates(d, vals, ca, cb, pop_sd)]
+            if not sep:
+                continue
+            dist_hits.append(_names_match(top_flat, dist_names))
+            for dn in sep:
+                ok = _names_match(top_flat, drivers[dn]["descriptors"])
+                hit = np.array([_names_match(g, drivers[dn]["descriptors"]) for g in groups], bool)
+                lp += 1
+                ln += ok
+                lc += float(hit[draws].any(axis=1).mean()) if draws.size else 0.0
+                by_driver.setdefault(dn, []).append(bool(ok))
+        per_layer[lname] = {"n_pairs": lp, "recall": ln / lp if lp else None,
+                            "chance_recall": lc / lp if lp else None,
+                            "drivers_named": sorted(d for d, v in by_driver.items() if any(v)),
+                            "per_driver": {d: {"splits": len(v), "named": int(sum(v))} for d, v in by_driver.items()}}
+        pairs, named, chance_sum = pairs + lp, named + ln, chance_sum + lc
+    return {"scored": True, "n_pairs": pairs, "recall": named / pairs if pairs else None,
+            "chance_recall": chance_sum / pairs if pairs else None,
+            "distractor_rate": float(np.mean(dist_hits)) if dist_hits else None, "per_layer": per_layer,
+            "rule": "a driver separates a split when one of its indicators is carried by >= 70 % of one child and "
+                    "<= 30 % of the other, or the children's means differ by >= 1 SD; named when the split's top 3 "
+                    "significant descriptors name it"}
 
 
 def _f(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.2f}"
 
 
-def _summary(o: dict, per_layer: dict, n_drv: int, feats: dict) -> str:
+def _summary(o: dict, per_layer: dict, n_drv: int, feats: dict, hier: dict | None = None) -> str:
     named = len(o["drivers_named_any_layer"])
     s = (f"recovery: {named}/{n_drv} planted drivers named by a cluster they define "
          f"(best layer {o['best_layer']}: coverage {_f(o['coverage'])} vs chance {_f(o['chance_coverage'])}); "
@@ -438,4 +541,7 @@ def _summary(o: dict, per_layer: dict, n_drv: int, feats: dict) -> str:
     if feats["coverage"] is not None:
         s += (f"; feature rankings name {_f(feats['coverage'])} of drivers (recall {_f(feats['recall'])} vs chance "
               f"{_f(feats['chance'])}, distractor rate {_f(feats['distractor_rate'])})")
+    if hier and hier.get("scored") and hier.get("n_pairs"):
+        s += (f"; hierarchy splits name the driver that separates them in {_f(hier['recall'])} of "
+              f"{hier['n_pairs']} split-driver pairs (chance {_f(hier['chance_recall'])})")
     return s

@@ -22,22 +22,41 @@ _WORDS = {"element": "{}", "anion": "{}s", "cation_class": "{} cations", "coordi
           "oxidation": "{}", "spacegroup": "space group {}", "crystal_system": "{} cells", "fraction": "{}-rich"}
 
 
-def phrase(r: dict[str, Any]) -> str:
-    """Short words for one test result, e.g. ``Te`` / ``octahedral cations`` / ``high cn_mean (6.0 vs 4.0)``."""
-    fam, _, val = r["descriptor"].partition(":")
-    if fam in _WORDS:
+def _word(name: str) -> str | None:
+    """Short words for a 0/1 descriptor name (``anion:oxide`` -> ``oxides``), None for others."""
+    fam, _, val = name.partition(":")
+    if fam in _WORDS and val:
         return _WORDS[fam].format(val.replace("_", " ") if fam in ("cation_class", "coordination") else val)
+    return None
+
+
+def _covers(r: dict[str, Any], n: int = 2) -> str:
+    """`` (with Tl+1, Tl)``: the first ``n`` descriptors folded under a ranking entry
+    (:mod:`toolkit.analyze.signals`), '' when none."""
+    cov = r.get("covers") or []
+    if not cov:
+        return ""
+    words = [_word(c) or c for c in cov[:n]]
+    return f" (with {', '.join(words)}{', ...' if len(cov) > n else ''})"
+
+
+def phrase(r: dict[str, Any]) -> str:
+    """Short words for one test result, e.g. ``Te`` / ``octahedral cations`` / ``high cn_mean (6.0 vs 4.0)``,
+    followed by the descriptors folded under it (``lone pair p cations (with Tl+1, Tl)``)."""
+    w = _word(r["descriptor"])
+    if w is not None:
+        return w + _covers(r)
     word = "high" if r["effect"] > 0 else "low"
-    return f"{word} {r['descriptor']} ({r['in_cluster']:.3g} vs {r['rest']:.3g})"
+    return f"{word} {r['descriptor']} ({r['in_cluster']:.3g} vs {r['rest']:.3g})" + _covers(r)
 
 
 def split_phrase(d: dict[str, Any]) -> str:
     """Short words for a descriptor that is higher (more prevalent) on one side of a split, e.g.
-    ``oxides`` / ``partial d cations`` / ``high bond_length_mean``."""
-    fam, _, val = d["descriptor"].partition(":")
-    if d.get("kind", "categorical" if fam in _WORDS and val else "continuous") == "categorical" and fam in _WORDS:
-        return _WORDS[fam].format(val.replace("_", " ") if fam in ("cation_class", "coordination") else val)
-    return f"high {d['descriptor']}"
+    ``oxides`` / ``partial d cations`` / ``high bond_length_mean``, with what it covers."""
+    w = _word(d["descriptor"])
+    if d.get("kind", "categorical" if w else "continuous") == "categorical" and w is not None:
+        return w + _covers(d)
+    return f"high {d['descriptor']}" + _covers(d)
 
 
 def cluster_summary(c: int, size: int, onset: dict | None, ranked: list[dict], n: int = 3) -> str:
@@ -236,6 +255,14 @@ def explain_html(explain: dict | None, drivers: dict | None) -> str:
                  f"median {_cell(q.get('completeness_error_median'))}, max {_cell(q.get('completeness_error_max'))}; "
                  f"share of the attribution on atoms / bonds / angles: "
                  f"{', '.join(f'{k} {v:.2f}' for k, v in (q.get('share_mean') or {}).items())}.</p>")
+    maps = explain.get("maps") or []
+    if maps:
+        s.append("<h3>attribution maps of representative materials</h3>")
+        s.append("<p class='meta'>Integrated gradients of the predicted target on every atom, bond and angle of one "
+                 "material (red raises it, blue lowers it); atoms carry their own attribution plus that of the angles "
+                 "centred on them; bars: sums by element, bond type and angle centre (docs/report.md).</p>")
+        s.extend(_img(mp["data_uri"], f"attribution map of {mp.get('formula') or mp['id']} (cluster {mp['cluster']})")
+                 for mp in maps)
     table("attribution_elements", "attribution by element")
     table("attribution_bonds", "attribution by bond type")
     table("attribution_angles", "attribution by angle bin")

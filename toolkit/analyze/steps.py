@@ -72,10 +72,12 @@ def onset_of(table: DescriptorTable) -> np.ndarray:
 
 
 def analyze_layer(cfg, inp: Inputs, name: str, x: Any, mask: np.ndarray, names: list[str],
-                  targets: list[str]) -> LayerResult | None:
+                  targets: list[str], signals: Any = None) -> LayerResult | None:
     """Cluster features ``x`` (rows = population rows where ``mask``; numpy or zarr array), attribute
-    the clusters to the descriptors ``names``, probe ``targets``. None (with a warning) when fewer
-    than 3 materials are covered."""
+    the clusters to the descriptors ``names``, probe ``targets``. ``signals``: a
+    :class:`toolkit.analyze.signals.SignalIndex` that condenses every cluster's ranking and every
+    split's descriptors to one entry per signal (None: rankings as tested). None (with a warning)
+    when fewer than 3 materials are covered."""
     from toolkit.analyze import attribution as attr
     from toolkit.analyze import probes as prb
     from toolkit.analyze.clustering import cluster
@@ -95,10 +97,14 @@ def analyze_layer(cfg, inp: Inputs, name: str, x: Any, mask: np.ndarray, names: 
     sub = (DescriptorTable(ids, table.names, table.values, []) if mask.all() else  # no N x D copy
            DescriptorTable([i for i, m in zip(ids, mask) if m], table.names, table.values[mask], []))
     ranked = attr.enrichment(res.labels, sub, names)
-    hier = layer_hierarchy(res, sub, names, a)
+    hier = layer_hierarchy(res, sub, names, a, signals)
     cand: list[str] = []
     for rs in ranked.values():
         cand += [r["descriptor"] for r in rs[:10] if r["q"] < attr.ALPHA and r["descriptor"] not in cand]
+    if signals is not None:
+        from toolkit.analyze.signals import condense_cluster
+
+        ranked = {c: condense_cluster(signals, rs, attr.ALPHA) for c, rs in ranked.items()}
     fit_rows = _subsample(len(sub.ids), a.seed)
     fit_sub = DescriptorTable([sub.ids[i] for i in fit_rows], sub.names, sub.values[fit_rows], [])
     surrogate = attr.surrogate_importance(res.labels[fit_rows], fit_sub, cand[:60], a.permutation_repeats, a.seed)
@@ -113,10 +119,11 @@ def analyze_layer(cfg, inp: Inputs, name: str, x: Any, mask: np.ndarray, names: 
                        elements=elements, probes=probes, hierarchy=hier)
 
 
-def layer_hierarchy(res: ClusterResult, sub: DescriptorTable, names: list[str], a) -> dict[str, Any]:
+def layer_hierarchy(res: ClusterResult, sub: DescriptorTable, names: list[str], a, signals: Any = None) -> dict[str, Any]:
     """``hierarchy.<layer>``: the explained splits of the Ward tree (:func:`toolkit.analyze.hierarchy.
-    explain_tree` on the tested descriptors), the levels ``a.levels`` plus the default one, and the
-    taxonomy path of every default-level cluster (``paths``: cluster -> list of steps)."""
+    explain_tree` on the tested descriptors; each split's descriptors condensed by ``signals``), the
+    levels ``a.levels`` plus the default one, and the taxonomy path of every default-level cluster
+    (``paths``: cluster -> list of steps)."""
     from toolkit.analyze import hierarchy as hy
     from toolkit.analyze.descriptors import is_categorical
 
@@ -125,6 +132,11 @@ def layer_hierarchy(res: ClusterResult, sub: DescriptorTable, names: list[str], 
     hier = hy.explain_tree(res.linkage, res.leaf_of, res.leaf_sizes, sub.values[:, cols], names,
                            np.array([is_categorical(n) for n in names], dtype=bool),
                            min_split_size=a.min_split_size, max_splits=a.max_splits)
+    if signals is not None:
+        from toolkit.analyze.signals import condense_split
+
+        for sp in hier["splits"]:
+            sp["descriptors"] = condense_split(signals, sp["descriptors"], hier["alpha"])
     hier["levels"] = hy.levels(res.linkage, res.leaf_sizes, list(a.levels or []), res.n_clusters)
     p = hy.paths(res.linkage, hier, res.nodes)
     hier["paths"] = {str(c): p.get(nd, []) for c, nd in enumerate(res.nodes)}
@@ -236,12 +248,16 @@ def assemble_attribution(cfg, inp: Inputs, layer_results: list[LayerResult], nam
         "benchmark_recovery": None,
     }
     if truth:
-        result["benchmark_recovery"] = recovery(cfg, inp, truth, result)
+        result["benchmark_recovery"] = recovery(cfg, inp, truth, result, layer_results)
         log.info("analyze: %s", result["benchmark_recovery"]["summary"])
     return result
 
 
-def recovery(cfg, inp: Inputs, truth: dict, result: dict[str, Any]) -> dict[str, Any]:
+SPLIT_SCORE_MAX = 200_000  # the hierarchy's splits are scored up to this many materials (membership per node)
+
+
+def recovery(cfg, inp: Inputs, truth: dict, result: dict[str, Any],
+             layer_results: list[LayerResult] | None = None) -> dict[str, Any]:
     """The honest recovery score (:func:`toolkit.analyze.recovery.recovery_score`: per planted driver,
     defining clusters named, chance baseline, coverage, feature rankings, distractor rate) computed from
     the planted values stored with the data (else the descriptor table), plus the earlier
@@ -251,7 +267,16 @@ def recovery(cfg, inp: Inputs, truth: dict, result: dict[str, Any]) -> dict[str,
     stored = hasattr(inp.reader, "column") and hasattr(inp.reader, "ids")  # a dataset store (not a test double)
     planted = planted_values(inp.reader, truth, inp.rows) if stored else {"ids": []}
     table = planted if len(planted) > 1 else inp.table
-    rec = recovery_score(truth, result, table, seed=cfg.analyze.seed)
+    splits = None
+    if layer_results and len(inp.ids) <= SPLIT_SCORE_MAX:
+        from toolkit.analyze.hierarchy import node_members
+
+        splits = {}
+        for lr in layer_results:
+            res, glob = lr.clustering, np.flatnonzero(lr.mask)
+            local = node_members(res.linkage, res.leaf_of, res.leaf_sizes)
+            splits[lr.name] = lambda nd, local=local, glob=glob: glob[local(nd)]
+    rec = recovery_score(truth, result, table, seed=cfg.analyze.seed, split_members=splits)
     legacy_truth = truth if truth.get("kind") != "realbench" else None
     rec["precision_at_3"] = benchmark_recovery(legacy_truth, result["layers"]) if legacy_truth else None
     return rec

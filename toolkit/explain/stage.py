@@ -489,6 +489,7 @@ def finalize(cfg: Any, run_dir: Path) -> dict:
     write_text(op.table_path(run_dir), _csv(table, SUMMARY_COLUMNS))
     attr = _merge_attr(run_dir, n_shards)
     write_json(op.attributions_path(run_dir), attr)
+    maps = _draw_maps(run_dir, attr["representatives"])
     reasons: dict[str, int] = defaultdict(int)
     for r in rejects:
         reasons[r["reason"].split(":", 1)[0]] += 1
@@ -504,11 +505,46 @@ def finalize(cfg: Any, run_dir: Path) -> dict:
                "effects": [r for r in table if r["cluster"] == "all"],
                "attribution": {k: attr[k] for k in ("n_materials", "completeness_error_max",
                                                      "completeness_error_median", "share_mean", "target_kinds")},
+               "maps": maps,
                "files": {"edits": "edits.csv", "rejects": "rejects.csv", "table": "summary.csv",
                          "attributions": "attributions.json"}}
     write_json(op.summary_path(run_dir), summary)
     log.info("explain finalized: %d edits, %d rejects, %d extrapolated", len(edits), len(rejects), n_extra)
     return summary
+
+
+MAX_MAPS = 12  # attribution maps drawn: the first representative of (up to) this many clusters
+
+
+def _draw_maps(run_dir: Path, reps: list[dict]) -> list[dict]:
+    """Attribution maps (:func:`toolkit.explain.maps.attribution_map`) of the first representative of
+    each cluster, at most MAX_MAPS, as ``explain/figures/map_<k>.png``; their index for summary.json."""
+    import matplotlib.pyplot as plt
+
+    from toolkit.explain.maps import attribution_map
+    from toolkit.runtime import atomic_write
+
+    if not reps:
+        return []
+    reader = _reader(run_dir)
+    row_of = {str(x): i for i, x in enumerate(reader.ids)}
+    chosen, seen = [], set()
+    for r in reps:
+        if r["cluster"] not in seen and str(r["id"]) in row_of:
+            seen.add(r["cluster"])
+            chosen.append(r)
+    out = []
+    figdir = op.explain_dir(run_dir) / "figures"
+    figdir.mkdir(parents=True, exist_ok=True)
+    for k, r in enumerate(chosen[:MAX_MAPS]):
+        m = reader.material(row_of[str(r["id"])])
+        fig = attribution_map(r, np.asarray(m["lattice"]), np.asarray(m["frac_coords"]))
+        path = figdir / f"map_{k}.png"
+        atomic_write(path, lambda fh, fig=fig: fig.savefig(fh, format="png", dpi=110, bbox_inches="tight"))
+        plt.close(fig)
+        out.append({"id": r["id"], "formula": r.get("formula"), "cluster": r["cluster"],
+                    "target_kind": r.get("target_kind"), "file": f"figures/{path.name}"})
+    return out
 
 
 def after_finalize(cfg: Any, run_dir: Path, summary: dict) -> None:
@@ -519,6 +555,12 @@ def after_finalize(cfg: Any, run_dir: Path, summary: dict) -> None:
     path = rerender_report(Path(run_dir))
     if path is not None:
         log.info("report updated with the counterfactual probes: %s", path)
+
+
+def _data_uri(path: Path) -> str:
+    import base64
+
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
 
 
 def _join_csv(run_dir: Path, n_shards: int, kind: str) -> str:
@@ -568,6 +610,8 @@ def explain_summary_for_report(run_dir: Path, top: int = 15) -> dict:
         "attribution_angles": fmt(attr["angle"][:top], ["key", "mean_per_material", "mean_per_item", "count",
                                                         "n_materials"]),
         "attribution_quality": summary["attribution"],
+        "maps": [{**mp, "data_uri": _data_uri(op.explain_dir(run_dir) / mp["file"])}
+                 for mp in summary.get("maps", []) if (op.explain_dir(run_dir) / mp["file"]).is_file()],
         "representatives": [{"id": r["id"], "formula": r["formula"], "cluster": r["cluster"],
                              "top_atoms": sorted(r["atoms"], key=lambda a: -abs(a["attribution"]))[:5],
                              "completeness_error": r["completeness_error"]} for r in attr["representatives"]],

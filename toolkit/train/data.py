@@ -38,12 +38,13 @@ class TrainingData:
     onset_threshold: float
 
     def noise_floor(self) -> float | None:
-        """The embedded benchmark's noise floor (MAE of a perfect predictor, target units), or None."""
-        if source_kind(self.reader.attrs) != "benchmark":
+        """The noise floor (MAE of a perfect predictor, target units) of a benchmark with planted noise
+        (``data.source: benchmark`` or ``realbench``: the ``benchmark_truth.noise`` attribute), or None."""
+        truth = self.reader.attrs.get("benchmark_truth")
+        if source_kind(self.reader.attrs) != "benchmark" and not (isinstance(truth, dict) and truth.get("kind") == "realbench"):
             return None
         from toolkit.data.benchmark import noise_floor
 
-        truth = self.reader.attrs.get("benchmark_truth") or {}
         if not isinstance(truth, dict) or "noise" not in truth:
             log.warning("%s has source=benchmark but no benchmark_truth.noise attribute: no noise floor",
                         self.store_path)
