@@ -111,3 +111,36 @@ def test_split_sides_condense_separately(table):
     out = condense_split(idx, descs, 0.05)
     assert [d["descriptor"] for d in out] == ["cation_class:lone_pair_p", "anion:oxide", "cn_mean"]
     assert out[0]["covers"] == ["oxidation:Tl+1"]
+
+
+def test_one_signal_through_several_descriptors_is_one_entry(table):
+    """halide -> iodide (nested, one family) and iodide ~ a correlated proxy: the proxy joins the group
+    even when it is ranked before the descriptor that links it; the general class heads when the group's
+    materials are not all of the specific class."""
+    idx = SignalIndex(table, table.names)
+    ranked = [_entry("anion:halide", 1e-20, 0.7, in_cluster=1.0), _entry("bond_length_mean", 1e-19, 0.6, test="mannwhitney"),
+              _entry("anion:iodide", 1e-15, 0.4, in_cluster=0.5)]
+    out = condense_cluster(idx, ranked, 0.05)
+    assert [e["descriptor"] for e in out] == ["anion:halide", "bond_length_mean"]
+    assert out[0]["covers"] == ["anion:iodide"]
+    # a group linked only through a later entry: volume ~ bond length, bond length first seen after volume
+    ranked = [_entry("volume_per_atom", 1e-20, 0.8, test="mannwhitney"), _entry("cn_mean", 1e-19, 0.3, test="mannwhitney"),
+              _entry("bond_length_mean", 1e-18, 0.8, test="mannwhitney")]
+    out = condense_cluster(idx, ranked, 0.05)
+    assert [e["descriptor"] for e in out] == ["volume_per_atom", "cn_mean"] and out[0]["covers"] == ["bond_length_mean"]
+
+
+def test_the_proxy_the_spectra_depend_on_heads(table):
+    """Two correlated continuous descriptors, neither flagged as a rider: the one with the larger
+    importance in the driver ranking heads (bond length over volume), whatever the cluster order."""
+    from toolkit.analyze.signals import importances
+
+    drivers = {"onset": {"descriptors": [{"descriptor": "bond_length_mean", "importance": 0.32},
+                                         {"descriptor": "volume_per_atom", "importance": 0.02}]},
+               "peak_1": {"descriptors": [{"descriptor": "volume_per_atom", "importance": 0.08}]}}
+    imp = importances(drivers)
+    assert imp == {"bond_length_mean": 0.32, "volume_per_atom": 0.08}
+    ranked = [_entry("volume_per_atom", 1e-20, 0.8, test="mannwhitney"),
+              _entry("bond_length_mean", 1e-18, 0.8, test="mannwhitney")]
+    out = condense_cluster(SignalIndex(table, table.names, importance=imp), ranked, 0.05)
+    assert [e["descriptor"] for e in out] == ["bond_length_mean"] and out[0]["covers"] == ["volume_per_atom"]

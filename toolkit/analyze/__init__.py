@@ -205,11 +205,18 @@ def analyze_inputs(cfg, inp: Inputs) -> dict[str, Any]:
         log.info("analyze: drivers of %d spectral features in %.1f s", len(drivers), time.time() - t1)
     signals = None
     if cfg.analyze.condense:
-        from toolkit.analyze.signals import SignalIndex, riders
+        from toolkit.analyze.signals import SignalIndex, importances, riders
 
-        signals = SignalIndex(inp.table, names, riders(drivers), seed=cfg.analyze.seed, max_rows=FIT_MAX)
+        signals = SignalIndex(inp.table, names, riders(drivers), seed=cfg.analyze.seed, max_rows=FIT_MAX,
+                              importance=importances(drivers))
     results: list[LayerResult] = []
     figures: dict[str, dict[str, str]] = {}
+    # --- interactive maps (issue 21): toolkit.analyze.interactive, saved as analyze/interactive/<layer>.npz ---
+    from toolkit.analyze import interactive
+
+    formulas = inp.reader.column("formula", inp.rows)
+    imaps: dict[str, dict] = {}
+    # --- end interactive maps ---
     for name in layer_names:
         x, mask = _features(name, cfg, inp.emb, inp.reference, inp.has_spec)
         lr = analyze_layer(cfg, inp, name, x, mask, names, targets, signals)
@@ -218,14 +225,56 @@ def analyze_inputs(cfg, inp: Inputs) -> dict[str, Any]:
         results.append(lr)
         _write_linkage(out / "linkage", lr)
         figures[name] = write_layer_figures(lr, inp.energy, onset, figdir)
+        m = interactive.from_layer(lr, inp, formulas, max_points=cfg.analyze.interactive_max_points, seed=cfg.analyze.seed)
+        if m is not None:  # interactive map (issue 21)
+            imaps[name] = interactive.save(out / "interactive", m)
     result = assemble_attribution(cfg, inp, results, names, aliases, truth=inp.reader.attrs.get("benchmark_truth"),
                                   drivers=drivers)
     figures["_global"] = write_comparison_figure(result["layer_comparison"]["ami_vs_reference"], result["probes"], figdir)
     write_json(layout.attribution, result)
     _write_clusters(out / "clusters.csv", inp.ids, inp.reader, inp.rows, {lr.name: lr.labels for lr in results})
-    render(result, figures, layout.report, f"spectrolens analysis: {inp.run_dir.name}", explain=_explain(inp.run_dir))
+    render(result, figures, layout.report, f"spectrolens analysis: {inp.run_dir.name}", explain=_explain(inp.run_dir),
+           interactive=imaps)
+    chem = _chemiscope(cfg, inp, results, formulas)  # issue 21: analyze/chemiscope.json.gz
     log.info("analyze: done in %.1f s -> %s", time.time() - t0, out)
+    log.info("%s", _summary(layout, results, chem))
     return result
+
+
+def _chemiscope(cfg, inp: Inputs, results: list[LayerResult], formulas) -> Path | None:
+    """``analyze/chemiscope.json.gz`` (toolkit.analyze.chemiscope_export) as ``analyze.chemiscope`` says:
+    true (the package must be installed), false, "auto" (when installed). The path, or None."""
+    from toolkit.analyze import chemiscope_export
+
+    want = cfg.analyze.chemiscope
+    if want is False or (want == "auto" and not chemiscope_export.available()):
+        if want == "auto":
+            log.info("analyze: chemiscope not installed; no chemiscope.json.gz (pip install chemiscope)")
+        return None
+    if not chemiscope_export.available():
+        raise AnalyzeError("analyze.chemiscope is true but the chemiscope package is not installed: "
+                           "pip install chemiscope (or set analyze.chemiscope=false)")
+    t = time.time()
+    path = chemiscope_export.write(RunLayout(inp.run_dir).analyze_dir / "chemiscope.json.gz", inp, results, formulas,
+                                   title=f"spectrolens: {inp.run_dir.name}")
+    log.info("analyze: chemiscope dataset of %d materials in %.1f s", len(inp.ids), time.time() - t)
+    return path
+
+
+def _summary(layout: RunLayout, results: list[LayerResult], chem: Path | None) -> str:
+    """What analyze wrote and where: one screen."""
+    out = layout.analyze_dir
+    rows = [("report", layout.report, "open in a browser (works offline)"),
+            ("attribution", layout.attribution, "every number of the report (schema: docs/report.md)"),
+            ("clusters", out / "clusters.csv", "cluster of every material per clustering"),
+            ("descriptors", out / "descriptors.csv", "and descriptor_failures.csv"),
+            ("figures", out / "figures", "PNG + SVG per clustering"),
+            ("maps", out / "interactive", "data of the report's interactive maps"),
+            ("chemiscope", chem, "chemiscope.show_input(path) or https://chemiscope.org" if chem else
+             "not written (analyze.chemiscope)")]
+    lines = [f"analyze: wrote {len(results)} clusterings ({', '.join(lr.name for lr in results)}):"]
+    lines += [f"  {k:<12} {p if p is not None else '-'}  ({what})" for k, p, what in rows]
+    return "\n".join(lines)
 
 
 def _explain(run_dir: Path) -> dict | None:
@@ -257,8 +306,10 @@ def rerender_report(run_dir: Path) -> Path | None:
     figures = {n: {k: u for k in FIGURES if (u := uri(f"{n}_{k}"))} for n in result["layers"]}
     if (u := uri("layer_comparison")) is not None:
         figures["_global"] = {"layers": u}
+    from toolkit.analyze.interactive import load_all  # interactive maps (issue 21)
+
     return render(result, figures, layout.report, f"spectrolens analysis: {Path(run_dir).name}",
-                  explain=_explain(Path(run_dir)))
+                  explain=_explain(Path(run_dir)), interactive=load_all(layout.analyze_dir / "interactive", list(result["layers"])))
 
 
 def _write_linkage(linkage_dir: Path, lr: LayerResult) -> None:

@@ -21,13 +21,19 @@ Which one heads the merged entry (:meth:`SignalIndex.prefer`), in this order:
    that is not: the correlated proxy is listed, the tested cause heads;
 2. of two nested 0/1 descriptors, the general one heads when it covers the group as well (its
    prevalence in the group at least the specific one's minus ``cover_slack``): "lone-pair cations
-   (Tl+1)" rather than "Tl+1"; within one family the specific class heads ("iodides" says "halides");
+   (Tl+1)" rather than "Tl+1"; within one family the specific class heads when it covers the group as
+   well ("iodides" says "halides"), else the general one ("halides (with bromides)");
 3. a chemical class (anion, cation class, coordination, polyanion families) heads an element or
    oxidation-state identity, or a symmetry label;
-4. otherwise the earlier (better ranked) entry.
+4. of two descriptors of the same standing, the one the spectra depend on at least twice as much
+   (its largest permutation importance over the spectral features, :func:`importances`) heads:
+   "long bonds (with large volume per atom)" when the onset follows the bond length;
+5. otherwise the earlier (better ranked) entry.
 
-The head keeps its own statistics and lists the merged names under ``covers`` (in ranking order);
-the merged group takes the place of its best-ranked member. Folded names are *not* aliases: aliases
+An entry related to members of several groups merges them (one signal seen through several
+descriptors: ``anion:halide`` - ``anion:bromide`` - ``element:Br``). The head keeps its own statistics
+and lists the merged names under ``covers`` (in ranking order); the merged group takes the place of
+its best-ranked member. Folded names are *not* aliases: aliases
 (:func:`toolkit.analyze.attribution.dedupe_categorical`) are identical columns, ``covers`` are
 different descriptors carrying the same signal here. Entries that are not significant are kept as
 they are, after the condensed significant ones.
@@ -44,11 +50,22 @@ from toolkit.analyze.descriptors import DescriptorTable, family, is_categorical
 
 RHO = 0.8  # |Spearman| at which two descriptors are one signal
 NEST = 0.95  # share of a 0/1 descriptor's carriers that carry the other: nested
+IMPORTANCE_RATIO = 0.5  # of two proxies, the one the spectra depend on at least twice as much heads
 COVER_SLACK = 0.05  # the general class heads when it covers the group at least this close to the specific one
 MAX_ROWS = 20_000  # materials used for the relations (a seeded sample above)
 #: families that name a chemical class (preferred as heads over identities and symmetry labels)
 CLASS_FAMILIES = ("anion", "cation_class", "coordination", "polyanion", "oxidation_class")
 IDENTITY_FAMILIES = ("element", "oxidation", "spacegroup", "crystal_system")
+
+
+def importances(drivers: dict[str, Any] | None) -> dict[str, float]:
+    """Each descriptor's largest permutation importance over the spectral features of the driver
+    ranking (reference and ``pred:``), riders included: how much the spectra depend on it at most."""
+    out: dict[str, float] = {}
+    for res in (drivers or {}).values():
+        for r in res.get("descriptors") or []:
+            out[r["descriptor"]] = max(out.get(r["descriptor"], 0.0), float(r.get("importance") or 0.0))
+    return out
 
 
 def riders(drivers: dict[str, Any] | None) -> set[str]:
@@ -70,7 +87,7 @@ class SignalIndex:
 
     def __init__(self, table: DescriptorTable, names: list[str], rider_set: set[str] | None = None,
                  seed: int = 0, max_rows: int = MAX_ROWS, rho: float = RHO, nest: float = NEST,
-                 cover_slack: float = COVER_SLACK) -> None:
+                 cover_slack: float = COVER_SLACK, importance: dict[str, float] | None = None) -> None:
         from toolkit.analyze.drivers import _spearman_matrix
 
         n = len(table.ids)
@@ -82,6 +99,7 @@ class SignalIndex:
         cat = np.array([is_categorical(nm) for nm in names], dtype=bool)
         self.carrier = {nm: np.nan_to_num(x[:, j], nan=0.0) > 0.5 for j, nm in enumerate(names) if cat[j]}
         self.riders = set(rider_set or ())
+        self.importance = dict(importance or {})
         self.rho, self.nest, self.cover_slack = rho, nest, cover_slack
 
     # -- relations
@@ -115,18 +133,21 @@ class SignalIndex:
 
     # -- which heads a merged group
     def prefer(self, h: str, r: str, prev: Callable[[str], float]) -> str:
-        """The head of the group of ``h`` (current head) and ``r`` (module doc, rules 1-4)."""
+        """The head of the group of ``h`` (current head) and ``r`` (module doc, rules 1-5)."""
         if (h in self.riders) != (r in self.riders):
             return r if h in self.riders else h
         nest = self.nested(h, r)
         if nest is not None:
             spec, gen = nest
-            if family(spec) == family(gen):  # "iodides" says "halides" too
-                return spec
+            if family(spec) == family(gen):  # "iodides" says "halides" too, when they are the group's halides
+                return spec if prev(spec) >= prev(gen) - self.cover_slack else gen
             return gen if prev(gen) >= prev(spec) - self.cover_slack else spec
         ch, cr = _class_rank(h), _class_rank(r)
         if ch != cr:
             return h if ch < cr else r
+        ih, ir = self.importance.get(h, 0.0), self.importance.get(r, 0.0)
+        if max(ih, ir) > 0 and min(ih, ir) < IMPORTANCE_RATIO * max(ih, ir):
+            return h if ih > ir else r
         return h
 
     def condense(self, ranked: list[dict], *, significant: Callable[[dict], bool],
@@ -137,28 +158,36 @@ class SignalIndex:
         same side merge. ``prev(r)``: prevalence of a 0/1 descriptor in the group (its side);
         ``enriched(r)``: a 0/1 descriptor more prevalent in the group (only those merge by nesting)."""
         groups: list[list[dict]] = []
-        heads: list[dict] = []
         by_name = {r["descriptor"]: r for r in ranked}
+        pv = lambda nm: prev(by_name[nm])  # noqa: E731
+
+        def related(a: dict, b: dict) -> bool:
+            if side(a) != side(b):
+                return False
+            if self.correlated(a["descriptor"], b["descriptor"]):
+                return True
+            return enriched(a) and enriched(b) and self.nested(a["descriptor"], b["descriptor"]) is not None
+
         for r in ranked:
             if not significant(r):
                 continue
-            name = r["descriptor"]
-            home = None
-            for gi, h in enumerate(heads):
-                if side(h) != side(r):
-                    continue
-                hn = h["descriptor"]
-                if self.correlated(hn, name) or (enriched(r) and enriched(h) and self.nested(hn, name) is not None):
-                    home = gi
-                    break
-            if home is None:
+            hits = [gi for gi, g in enumerate(groups) if any(related(m, r) for m in g)]
+            if not hits:
                 groups.append([r])
-                heads.append(r)
                 continue
-            groups[home].append(r)
-            pv = lambda nm: prev(by_name[nm])  # noqa: E731
-            if self.prefer(heads[home]["descriptor"], name, pv) == name:
-                heads[home] = r
+            # r links every group it relates to (one signal seen through several descriptors): merge them
+            merged = [m for gi in hits for m in groups[gi]] + [r]
+            merged.sort(key=lambda m: ranked.index(m))
+            groups[hits[0]] = merged
+            for gi in reversed(hits[1:]):
+                del groups[gi]
+        heads = []
+        for g in groups:
+            h = g[0]
+            for m in g[1:]:
+                if self.prefer(h["descriptor"], m["descriptor"], pv) == m["descriptor"]:
+                    h = m
+            heads.append(h)
         out = []
         for h, g in zip(heads, groups):
             e = dict(h)
