@@ -464,10 +464,11 @@ def test_trained_model_recovers_the_planted_drivers(tmp_path):
     # size of the anion effect: the model sees anion identity and bond length together (the benchmark's sulfide
     # bonds are longer than its oxide bonds, and longer bonds lower the onset), so an unrescaled swap moves the
     # prediction by between the pure rule dA and the data-level difference dA - 1.5 eV/Å x (mean bond length of
-    # the new anion class - of the old); accepted: within that band widened by 25 % (measured 2026-12-03: the
-    # predicted shifts are 1.23-1.47 x dA, i.e. at the data-level end)
+    # the new anion class - of the old); accepted: within that band widened by 25 % (measured 2026-12-03: 11 of
+    # the 12 swaps inside the band, e.g. O->S -2.07 eV between -1.5 (rule) and -2.21 (data level); S->Se -0.83
+    # eV, 9 % beyond the data level -0.76)
     reader = DatasetReader(tmp_path / "dataset.zarr")
-    cls = np.asarray(reader.column("benchmark/anion")).astype(str)
+    cls = np.array([str(x) for x in np.asarray(reader.column("benchmark/anion")).tolist()])
     bl = np.asarray(reader.column("benchmark/bond_length_mean"), dtype=np.float64)
     dbar = {c: float(np.nanmean(bl[cls == c])) for c in set(cls.tolist())}
     sizes = {}
