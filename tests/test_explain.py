@@ -425,7 +425,7 @@ def test_trained_model_recovers_the_planted_drivers(tmp_path):
     """The issue's bar on a *trained* model: train 1+1 layers, hidden 32 on 300 benchmark materials (30 epochs,
     onset R^2 ~0.99), then the counterfactual shifts of the predicted onset must have the planted rule's sign for
     every planted driver: anion (chalcogen swaps, sign of ΔA[anion], and size: see below), cation class (every
-    substitution that changes C[class], sign of ΔC) and bond length (uniform ±4 % strain: the onset at +4 % lies
+    substitution that changes C[class], sign of ΔC, and the pooled size) and bond length (uniform ±4 % strain: the onset at +4 % lies
     below the one at -4 %, mean over materials; the small model learns this slope only weakly, ~0.02 eV where the
     rule gives ~0.3 eV: explain reports that, the test does not hide it).
     Measured 2026-12-02: 70 of 70 cation pairs and every chalcogen pair agree in sign."""
@@ -482,6 +482,27 @@ def test_trained_model_recovers_the_planted_drivers(tmp_path):
         sizes[label] = (round(float(np.mean(v)), 2), round(da, 2), round(ddata, 2))
         assert 0.75 * lo <= abs(float(np.mean(v))) <= 1.25 * hi and np.sign(ddata) == np.sign(da), sizes[label]
     print("anion swaps: (predicted, rule dA, data-level) onset shift, eV:", sizes)
+    # size of the cation-class effect, pooled: the rule's shift of the mean cation shift C (dC x the share of
+    # the cation sites replaced) against the predicted shift, by least squares through the origin
+    row_of = {str(x): i for i, x in enumerate(reader.ids)}
+    pred_c, rule_c = [], []
+    for r in stage.read_table(op.edits_path(tmp_path)):
+        if r["type"] != "cation_substitution" or not math.isfinite(float(r["delta_onset"])):
+            continue
+        d = json.loads(r["detail"])
+        comp = ed.structure_from_record(reader.material(row_of[r["id"]])).composition
+        cations = sum(n for el, n in comp.items() if el.symbol not in bm.ANIONS)
+        dc = (bm.ONSET_CATION[bm.cation_class(d["to"], d["charge"])] - bm.ONSET_CATION[bm.cation_class(d["from"], d["charge"])])
+        pred_c.append(float(r["delta_onset"]))
+        rule_c.append(dc * comp[d["from"]] / cations)
+    pred_c, rule_c = np.array(pred_c), np.array(rule_c)
+    slope = float(pred_c @ rule_c / (rule_c @ rule_c))
+    corr = float(np.corrcoef(pred_c, rule_c)[0, 1])
+    print(f"cation substitutions: predicted = {slope:.2f} x rule (n = {len(pred_c)}, corr {corr:.2f})")
+    # accepted: slope within 30 % of 1 and correlation >= 0.8. The substituted cation keeps the old one's bonds
+    # (no rescale) while the model saw every class only with its own radii, and a class's shift is one of ~8
+    # values learned from 300 materials (measured 2026-12-03: slope 0.87, corr 0.90, 333 substitutions)
+    assert len(pred_c) >= 100 and 0.7 <= slope <= 1.3 and corr >= 0.8, (slope, corr, len(pred_c))
     # bond length: planted dE0/dd = -1.5 eV/Å, so the onset at +4 % strain lies below the onset at -4 % (the
     # material-wise difference; the small model's slope is weak, each mean alone is within ~0.01 eV of zero)
     both = sorted(set(strained[0.04]) & set(strained[-0.04]))
