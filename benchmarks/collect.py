@@ -27,6 +27,7 @@ SUITE = [
     ("profile_hotpaths", "profile_hotpaths.py", [], ["--n", "64"]),
 ]
 SCALE = ("scale_run", "scale_run.py", [], ["--n", "2000"])
+GPU = ("gpu_suite", "gpu_suite.py", [], ["--structures", "256", "--max-batch", "256"])  # --gpu: needs CUDA
 
 
 def table(results: list[dict]) -> str:
@@ -46,8 +47,9 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--scale", action="store_true")
     ap.add_argument("--only", nargs="*", default=None)
+    ap.add_argument("--gpu", action="store_true", help="also the GPU suite (benchmarks/gpu_suite.py; needs CUDA)")
     args = ap.parse_args()
-    suite = SUITE + ([SCALE] if args.scale else [])
+    suite = SUITE + ([SCALE] if args.scale else []) + ([GPU] if args.gpu else [])
     RESULTS.mkdir(parents=True, exist_ok=True)
     results, failed = [], []
     for name, script, normal, quick in suite:
