@@ -96,8 +96,11 @@ def test_outputs_and_schema(analyzed):
         assert len(list(csv.reader(f))) == N + 1
     assert (out / "descriptor_failures.csv").exists()
     html = (out / "report" / "index.html").read_text()
-    assert html.count("data:image/png;base64,") == 5 * len(layers) + 1
-    assert "http://" not in html and "https://" not in html and "<script" not in html
+    assert html.count('<img src="data:image/png;base64,') == 5 * len(layers) + 1
+    # inline scripts only (plotly.js and the interactive maps, issue 21; its code mentions URLs, it fetches none:
+    # the Content-Security-Policy forbids it), no external resource
+    assert "<script src" not in html and 'src="http' not in html and "<link" not in html
+    assert "script-src 'unsafe-inline'; connect-src 'none'" in html and html.count('class="imap"') == len(layers)
 
 
 @pytest.mark.slow  # module fixture: prepare + embed + analyze of 240 materials, ~1-2 min on 2 idle cores
@@ -189,7 +192,7 @@ def test_every_figure_when_descriptors_are_missing(analyzed, tmp_path):
             assert not any(d["descriptor"].startswith("element:") for d in c["descriptors"])
     assert (out / "figures" / "layer_comparison.png").exists()
     html = (out / "report" / "index.html").read_text()
-    assert html.count("data:image/png;base64,") == 11
+    assert html.count('<img src="data:image/png;base64,') == 11
     assert json.loads((out / "attribution.json").read_text())["descriptors"]["n_failures"] >= len(t.ids)
 
 

@@ -189,7 +189,8 @@ def test_analyze_inputs_writes_strict_json_equal_to_its_result(layers, tmp_path,
         return out
 
     monkeypatch.setattr(probes, "probe_layer", nan_cn_mean)
-    cfg = _cfg(tmp_path, n_clusters=K, workers=1, layers=["blobs", steps.REFERENCE])
+    # chemiscope=False: the test double of the dataset has no structures to export (issue 21's chemiscope file)
+    cfg = _cfg(tmp_path, n_clusters=K, workers=1, layers=["blobs", steps.REFERENCE], chemiscope=False)
     inp = dataclasses.replace(layers.inp, run_dir=tmp_path)
     res = analyze.analyze_inputs(cfg, inp)
     out = tmp_path / "analyze"
@@ -216,4 +217,4 @@ def test_analyze_inputs_writes_strict_json_equal_to_its_result(layers, tmp_path,
         assert all((out / "figures" / f"{name}_{f}.png").is_file() for f in FIGURES)
     assert (out / "figures" / "layer_comparison.svg").is_file() and (out / "descriptors.csv").is_file()
     html = (out / "report" / "index.html").read_text()
-    assert html.count("data:image/png;base64,") == 5 * 2 + 1
+    assert html.count('<img src="data:image/png;base64,') == 5 * 2 + 1

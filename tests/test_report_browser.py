@@ -114,8 +114,10 @@ def report(tmp_path_factory) -> Path:
     return root / "analyze" / "report" / "index.html"
 
 
-def _open_in_chromium(page: Path, tmp_path: Path) -> tuple[dict, list, list, bytes]:
-    """Load ``page`` in headless Chromium: (DOM state, console/log errors, requested URLs, screenshot PNG)."""
+def _open_in_chromium(page: Path, tmp_path: Path, actions: tuple[str, ...] = ()) -> tuple[dict, list, list, bytes]:
+    """Load ``page`` in headless Chromium: (DOM state, console/log errors, requested URLs, screenshot PNG).
+    ``actions``: JavaScript expressions evaluated in order after the load (promises awaited); their
+    values are ``state["actions"]`` (an expression that throws fails the call)."""
     dt = DevTools(tmp_path / "profile")
     try:
         target = dt.call("Target.createTarget", {"url": "about:blank"})["targetId"]
@@ -133,6 +135,13 @@ def _open_in_chromium(page: Path, tmp_path: Path) -> tuple[dict, list, list, byt
             text: document.body.innerText,
             tables: document.querySelectorAll('table').length})"""},
                         session=sess)["result"]["value"]
+        state["actions"] = []
+        for expr in actions:
+            r = dt.call("Runtime.evaluate", {"expression": expr, "returnByValue": True, "awaitPromise": True},
+                        session=sess)
+            if "exceptionDetails" in r:
+                raise AssertionError(f"{expr[:200]} threw: {r['exceptionDetails']}")
+            state["actions"].append(r["result"].get("value"))
         shot = dt.call("Page.captureScreenshot", {"format": "png"}, session=sess)["data"]
     finally:
         dt.close()

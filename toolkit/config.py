@@ -7,7 +7,7 @@ revision and the seeds (``run_info.json``), see :func:`record_run`.
 
 Section owners: ``data`` (toolkit.data), ``graph`` (toolkit.data.graphs), ``model`` (toolkit.model),
 ``train`` (toolkit.train), ``embed`` (toolkit.embed), ``analyze`` (toolkit.analyze),
-``executor``/``container`` (toolkit.hpc).
+``predict`` (toolkit.predict), ``executor``/``container`` (toolkit.hpc).
 """
 
 from __future__ import annotations
@@ -159,6 +159,8 @@ class TrainConfig(_Section):
     dist_timeout_minutes: float = Field(30.0, gt=0, description="collective-operation timeout")
     progress: bool = Field(True, description="tqdm progress bar (rank 0 only)")
     init_output_bias: bool = Field(True, description="start the output layer's bias at the mean training spectrum")
+    ensemble: int = Field(1, ge=1, description="members trained with seeds seed, seed+1, ...; >1: mean spectrum, "
+                          "per-point std and calibration (docs/predict.md); members in train/members/<k>/")
 
     @field_validator("split")
     @classmethod
@@ -228,6 +230,13 @@ class AnalyzeConfig(_Section):
     probe_folds: int = Field(5, ge=2)
     workers: int = Field(2, ge=1)
     seed: int = 0
+    interactive_max_points: int = Field(20_000, ge=100, description="the report's interactive map of a layer shows "
+                                        "every material up to this many, above it a seeded random subsample per cluster "
+                                        "(the data are not subsampled; toolkit.analyze.interactive)")
+    chemiscope: bool | Literal["auto"] = Field(
+        "auto", description="write analyze/chemiscope.json.gz (structures, 2-D map of each layer, clusters, "
+        "descriptors, onsets) for chemiscope: true (needs `pip install chemiscope`), false, or auto: when the "
+        "chemiscope package is installed")
 
 
 class ExplainConfig(_Section):
@@ -261,6 +270,33 @@ class ExplainConfig(_Section):
     checkpoint: Path | None = Field(None, description="default: embed.checkpoint or <run_dir>/train/best.pt")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     workers: int = Field(1, ge=1, description="local worker processes")
+
+
+class PredictConfig(_Section):
+    """`spectrolens predict`: spectra of new structures from a trained model or ensemble (docs/predict.md)."""
+
+    inputs: list[Path] = Field(default_factory=list, description="structure files/folders (CIF, POSCAR, pymatgen "
+                               "JSON, ASE db) or a source that prepare reads (see source)")
+    source: Literal["auto", "structures", "alignn", "jsonl", "vasp", "jarvis", "refractiveindex"] = Field(
+        "auto", description="how to read inputs: auto (a .jsonl file -> jsonl, a folder with id_prop.csv -> alignn, "
+        "else plain structure files), or a prepare source kind")
+    checkpoint: Path | None = Field(None, description="a spectrolens run directory (ensemble members or "
+                                    "train/best.pt), a spectrolens .pt, or an upstream ALIGNN best_model.pt")
+    upstream_config: Path | None = Field(None, description="upstream ALIGNN config.json (default: next to "
+                                         "best_model.pt)")
+    batch_size: int = Field(32, ge=1)
+    shard_size: int = Field(512, ge=1, description="records per shard (one worker's unit)")
+    workers: int = Field(1, ge=1, description="local worker processes")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    min_atoms: int = Field(1, ge=1, description="structures with fewer atoms are rejects")
+    min_distance: float | None = Field(None, gt=0, description="reject atoms closer than this (Å); default "
+                                       "data.min_distance")
+    recalibrate: bool = Field(True, description="ensembles: scale the std by the factor fitted on the "
+                              "validation split (train/metrics.json)")
+    plot: bool = Field(False, description="write figures of the predicted spectra")
+    plot_single_max: int = Field(24, ge=0, description="up to this many materials: one figure each; more: pages")
+    compare_experiment: Path | None = Field(None, description="refractiveindex.info database folder: compare "
+                                            "with measured spectra by reduced formula")
 
 
 class StageResources(_Section):
@@ -312,6 +348,7 @@ class PipelineConfig(_Section):
     embed: EmbedConfig = EmbedConfig()
     analyze: AnalyzeConfig = AnalyzeConfig()
     explain: ExplainConfig = ExplainConfig()
+    predict: PredictConfig = PredictConfig()
     executor: ExecutorConfig = ExecutorConfig()
     container: ContainerConfig = ContainerConfig()
 

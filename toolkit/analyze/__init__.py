@@ -247,16 +247,17 @@ def _chemiscope(cfg, inp: Inputs, results: list[LayerResult], formulas) -> Path 
     from toolkit.analyze import chemiscope_export
 
     want = cfg.analyze.chemiscope
+    path = RunLayout(inp.run_dir).analyze_dir / "chemiscope.json.gz"
     if want is False or (want == "auto" and not chemiscope_export.available()):
         if want == "auto":
             log.info("analyze: chemiscope not installed; no chemiscope.json.gz (pip install chemiscope)")
+        path.unlink(missing_ok=True)  # never leave an earlier analysis' file beside this one's results
         return None
     if not chemiscope_export.available():
         raise AnalyzeError("analyze.chemiscope is true but the chemiscope package is not installed: "
                            "pip install chemiscope (or set analyze.chemiscope=false)")
     t = time.time()
-    path = chemiscope_export.write(RunLayout(inp.run_dir).analyze_dir / "chemiscope.json.gz", inp, results, formulas,
-                                   title=f"spectrolens: {inp.run_dir.name}")
+    chemiscope_export.write(path, inp, results, formulas, title=f"spectrolens: {inp.run_dir.name}")
     log.info("analyze: chemiscope dataset of %d materials in %.1f s", len(inp.ids), time.time() - t)
     return path
 
@@ -273,7 +274,7 @@ def _summary(layout: RunLayout, results: list[LayerResult], chem: Path | None) -
             ("chemiscope", chem, "chemiscope.show_input(path) or https://chemiscope.org" if chem else
              "not written (analyze.chemiscope)")]
     lines = [f"analyze: wrote {len(results)} clusterings ({', '.join(lr.name for lr in results)}):"]
-    lines += [f"  {k:<12} {p if p is not None else '-'}  ({what})" for k, p, what in rows]
+    lines += [f"  {k:<12} {p if p is not None else '-'}  [{what}]" for k, p, what in rows]
     return "\n".join(lines)
 
 

@@ -1,6 +1,7 @@
 """The self-contained HTML report (``RUN_DIR/analyze/report/index.html``) and plain-language
 cluster summaries. Figures are embedded as PNG data URIs; the page loads nothing from the network
-(its Content-Security-Policy forbids it) and runs no script."""
+(its Content-Security-Policy forbids it) and runs only its own inline scripts: the interactive maps
+(:mod:`toolkit.analyze.interactive`, plotly.js embedded)."""
 
 from __future__ import annotations
 
@@ -275,9 +276,10 @@ def _cell(v: Any) -> str:
 
 
 def render(attribution: dict[str, Any], figures: dict[str, dict[str, str]], out: Path, title: str,
-           explain: dict | None = None) -> Path:
+           explain: dict | None = None, interactive: dict[str, dict] | None = None) -> Path:
     """Write the report; ``figures[layer][name]`` are data URIs, ``figures["_global"]["layers"]`` the
-    layer-comparison figure; ``explain``: :func:`toolkit.explain.stage.explain_summary_for_report`."""
+    layer-comparison figure; ``explain``: :func:`toolkit.explain.stage.explain_summary_for_report`;
+    ``interactive``: the maps of :func:`toolkit.analyze.interactive.map_data` by layer."""
     tpl = Template(resources.files("toolkit.analyze").joinpath("templates/report.html").read_text())
     layers = attribution["layers"]
     nav = " ".join(f'<a href="#layer-{html.escape(n)}">{html.escape(n)}</a>' for n in layers)
@@ -307,6 +309,10 @@ def render(attribution: dict[str, Any], figures: dict[str, dict[str, str]], out:
         lay.append(_table(["layer", *targets], [[n, *(f"{p[t]['score']:.2f}" if t in p else "" for t in targets)]
                                                  for n, p in probes.items()]))
     sections = []
+    # --- interactive maps (issue 21): toolkit.analyze.interactive; the first fragment carries plotly.js ---
+    from toolkit.analyze.interactive import fragments as _imap_fragments
+    imaps = _imap_fragments(interactive or {}, list(layers))
+    # --- end interactive maps ---
     hier_all = attribution.get("hierarchy") or {}
     for name, L in layers.items():
         f = figures.get(name, {})
@@ -326,6 +332,7 @@ def render(attribution: dict[str, Any], figures: dict[str, dict[str, str]], out:
             f"<li>{html.escape(c['summary'])}"
             + (f"<br><span class='path'>{html.escape(' → '.join(c['path']))}</span>" if c.get("path") else "")
             + "</li>" for c in L["clusters"].values()) + "</ul>")
+        s.append(imaps.get(name, ""))  # interactive map (issue 21)
         for key, alt in (("dendrogram", "dendrogram"), ("map", "2-D map of the embedding"),
                          ("spectra", "cluster mean spectra"), ("enrichment", "enrichment heatmap"),
                          ("elements", "element maps")):
