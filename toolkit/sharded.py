@@ -13,6 +13,7 @@ units are *shards*; future ``explain``/``predict`` the same) that defines::
     workers(cfg) -> int                        # local worker processes (executor-independent default)
     device(cfg) -> str                         # "cpu" | "auto" | "cuda": whether workers want GPUs
     after_finalize(cfg, run_dir, summary)      # optional: e.g. prepare's --strict check (raises Error)
+    outputs(run_dir) -> list[(label, path)]    # optional: what the stage wrote, for its closing summary
 
 This module drives it the same way on every executor (:mod:`toolkit.hpc` decides only *where*:
 local worker processes, MPI ranks, SLURM array tasks, inside a container or not):
@@ -172,7 +173,8 @@ def _holders(run_dir: Path, mod: ModuleType, units: list[int]) -> str:
 
 
 def finalize_once(stage: str | ModuleType, cfg: Any, run_dir: str | os.PathLike) -> dict:
-    """Check that every unit is done, then ``finalize`` under the stage's finalize lock (idempotent)."""
+    """Check that every unit is done, then ``finalize`` under the stage's finalize lock (idempotent);
+    ends with :func:`closing_summary` in the log."""
     mod = resolve(stage)
     run_dir = Path(run_dir)
     with FileLock(run_dir, f"{mod.NAME}/finalize"):
@@ -180,7 +182,21 @@ def finalize_once(stage: str | ModuleType, cfg: Any, run_dir: str | os.PathLike)
     after = getattr(mod, "after_finalize", None)
     if after is not None:
         after(cfg, run_dir, summary)
+    log.info("%s", closing_summary(mod, run_dir, summary))
     return summary
+
+
+def closing_summary(mod: ModuleType, run_dir: Path, summary: dict) -> str:
+    """One screen: the stage's headline counts (the scalar ``n_*`` entries of its summary) and every
+    output it names (``outputs(run_dir)``), with paths."""
+    counts = ", ".join(f"{k[2:].replace('_', ' ')} {v}" for k, v in summary.items()
+                       if k.startswith("n_") and isinstance(v, (int, float)) and not isinstance(v, bool))
+    lines = [f"{mod.NAME}: done" + (f" ({counts})" if counts else "")]
+    outputs = getattr(mod, "outputs", None)
+    for label, path in (outputs(run_dir) if outputs is not None else []):
+        lines.append(f"  {label:<14} {path}" + ("" if Path(path).exists() else "  (not written)"))
+    lines.append(f"  {'logs':<14} {run_dir / 'logs' / mod.NAME}")
+    return "\n".join(lines)
 
 
 def run_inline(stage: str | ModuleType, cfg: Any, run_dir: str | os.PathLike) -> dict:

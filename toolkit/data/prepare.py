@@ -325,6 +325,12 @@ def finalize(cfg: PipelineConfig, run_dir: str | os.PathLike) -> dict:
     return summary
 
 
+def outputs(run_dir: str | os.PathLike) -> list[tuple[str, Path]]:
+    """What prepare wrote (its closing summary, :func:`toolkit.sharded.closing_summary`)."""
+    lay = RunLayout(run_dir)
+    return [("dataset", lay.dataset), ("rejects", lay.rejects), ("summary", lay.prepare_summary)]
+
+
 def after_finalize(cfg: PipelineConfig, run_dir: str | os.PathLike, summary: dict) -> None:
     """``data.strict``: print every rejected record to stderr and fail (the CLI exits non-zero)."""
     if cfg.data.strict and summary.get("n_rejected", 0):

@@ -169,6 +169,11 @@ def run_shard(cfg: PipelineConfig, run_dir: Path, shard: int) -> None:
         log.info("shard %d already complete", shard)
 
 
+def outputs(run_dir: Path) -> list[tuple[str, Path]]:
+    """What embed wrote (its closing summary, :func:`toolkit.sharded.closing_summary`)."""
+    return [("embeddings", RunLayout(run_dir).embeddings)]
+
+
 def finalize(cfg: PipelineConfig, run_dir: Path) -> dict:
     """All shards done -> compact per-atom arrays, mark complete, consolidate metadata (once)."""
     info = st.finalize_store(st.store_path(run_dir))

@@ -547,6 +547,14 @@ def _draw_maps(run_dir: Path, reps: list[dict]) -> list[dict]:
     return out
 
 
+def outputs(run_dir: Path) -> list[tuple[str, Path]]:
+    """What explain wrote (its closing summary, :func:`toolkit.sharded.closing_summary`)."""
+    return [("edits", op.edits_path(run_dir)), ("shifts", op.table_path(run_dir)),
+            ("attributions", op.attributions_path(run_dir)), ("rejects", op.rejects_path(run_dir)),
+            ("maps", op.explain_dir(run_dir) / "figures"), ("summary", op.summary_path(run_dir)),
+            ("report", RunLayout(run_dir).report)]
+
+
 def after_finalize(cfg: Any, run_dir: Path, summary: dict) -> None:
     """Put the counterfactual tables (and their comparison with the driver ranking) into the analyze
     report when analyze has run in ``run_dir``."""
