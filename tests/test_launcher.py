@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 FAKE = "tests.fake_stage"
 STAGE_MODULES = ["toolkit.data.prepare", "toolkit.train", "toolkit.embed", "toolkit.embed.stage", "toolkit.analyze",
                  "toolkit.sharded", "toolkit.runtime", "toolkit.layout", "toolkit.config", "toolkit.data.readers",
-                 "toolkit.explain.stage"]
+                 "toolkit.explain.stage", "toolkit.predict.stage", "toolkit.predict.experiment", "toolkit.train.ensemble"]
 
 
 @pytest.mark.parametrize("module", STAGE_MODULES)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import json
 import logging
 import sys
 from pathlib import Path
@@ -58,6 +59,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stages", default="prepare,train,embed,analyze",
                    help="comma-separated stages (prepare, train, embed, analyze, explain); explain is opt-in")
     p.add_argument("--no-wait", action="store_true", help="slurm: submit and return")
+
+    p = sub.add_parser("predict", help="predict spectra of structures with a trained model or ensemble (docs/predict.md)")
+    p.add_argument("inputs", type=Path, nargs="+", help="structure files/folders (CIF, POSCAR, pymatgen JSON, ASE .db), "
+                   "a .jsonl file or an ALIGNN folder (any source prepare reads: --source)")
+    p.add_argument("--checkpoint", "-k", type=Path, required=True,
+                   help="a spectrolens run directory (its model or ensemble), a spectrolens .pt, or an upstream "
+                        "ALIGNN best_model.pt (config.json beside it)")
+    p.add_argument("--out", "-o", type=Path, required=True, help="output folder (predictions.csv, predictions.zarr, "
+                   "rejects.csv, figures/, experiment/)")
+    p.add_argument("--config", "-c", type=Path, help="pipeline YAML (predict, data and graph settings)")
+    p.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set predict.batch_size=64 (repeatable)")
+    p.add_argument("--source", default=None, help="how to read the inputs (default: predict.source, 'auto')")
+    p.add_argument("--upstream-config", type=Path, default=None, help="upstream ALIGNN config.json")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="default: predict.device")
+    p.add_argument("--batch-size", type=int, default=None, help="default: predict.batch_size")
+    p.add_argument("--workers", type=int, default=None, help="local worker processes (default: predict.workers)")
+    p.add_argument("--plot", action="store_true", help="write figures of the predicted spectra")
+    p.add_argument("--compare-experiment", type=Path, default=None, metavar="PATH",
+                   help="refractiveindex.info database folder: compare with measured spectra by reduced formula")
+    p.add_argument("--shard", type=int, default=None, help="predict only this shard (array-task use)")
 
     p = sub.add_parser("status", help="show each stage and array task of a run from SLURM accounting")
     p.add_argument("run_dir", type=Path)
@@ -130,6 +152,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return pipeline.run_pipeline(cfg, run_dir=args.run_dir, executor=args.executor,
                                      stages=[s.strip() for s in args.stages.split(",") if s.strip()],
                                      wait=not args.no_wait)
+    if cmd == "predict":
+        return _predict(args)
     if cmd == "status":
         from toolkit.hpc import status
 
@@ -139,6 +163,33 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return pipeline.demo(args.run_dir, args.overrides)
     raise AssertionError(cmd)
+
+
+def _predict(args: argparse.Namespace) -> int:
+    """``spectrolens predict``: the flags fill the ``predict`` section (they win over --config/--set)."""
+    flags = {"inputs": [str(p) for p in args.inputs], "checkpoint": str(args.checkpoint), "source": args.source,
+             "upstream_config": args.upstream_config and str(args.upstream_config), "device": args.device,
+             "batch_size": args.batch_size, "workers": args.workers,
+             "compare_experiment": args.compare_experiment and str(args.compare_experiment),
+             "plot": True if args.plot else None}
+    extra = [f"predict.{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
+    cfg = load_config(args.config, list(args.overrides) + extra)
+    from toolkit.predict import stage
+
+    from toolkit.runtime import mpi_world
+
+    if args.shard is not None or cfg.predict.workers > 1 or (mpi_world() or (0, 1))[1] > 1:
+        from toolkit.hpc import launch
+
+        if args.shard is not None:
+            launch.run_unit(stage.MODULE, cfg, args.out, args.shard)
+            return 0
+        summary = launch.run_sharded(stage.MODULE, cfg, args.out)
+    else:
+        summary = stage.run(cfg, args.out)
+    print(f"predicted {summary['n_predicted']} material(s), rejected {summary['n_rejected']} "
+          f"(see {stage.Out(args.out).rejects}): {stage.Out(args.out).csv}")
+    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

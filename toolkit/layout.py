@@ -8,6 +8,7 @@
       dataset.zarr/                    prepare: structures, graphs, spectra, descriptors (docs/zarr.md)
       prepare/                         plan.json, scan_rejects.csv, parts/*.rejects.csv, rejects.csv, summary.json
       train/                           split.json, checkpoints/last.pt, best.pt, metrics.json, metrics.jsonl, tb/
+      train/members/<k>/               ensembles: the same files for each member k (best.pt = member 0's)
       embeddings.zarr/                 embed: activations per layer (docs/zarr.md)
       analyze/                         attribution.json, descriptors, figures, report/index.html
       logs/<stage>/                    one log per task, rank, worker or job
@@ -52,6 +53,8 @@ class RunLayout:
         self.best_checkpoint = self.train_dir / "best.pt"
         self.last_checkpoint = self.train_dir / "checkpoints" / "last.pt"
         self.train_metrics = self.train_dir / "metrics.json"
+        # ensembles (train.ensemble > 1): one train folder per member, same files as train/ itself
+        self.members_dir = self.train_dir / "members"
         # embed, analyze
         self.embeddings = r / "embeddings.zarr"
         self.analyze_dir = r / "analyze"
@@ -69,6 +72,13 @@ class RunLayout:
 
     def __hash__(self) -> int:
         return hash(self.root)
+
+    def member_dir(self, k: int) -> Path:
+        """Train folder of ensemble member ``k`` (checkpoints/last.pt, best.pt, metrics.json, ...)."""
+        return self.members_dir / f"{int(k):03d}"
+
+    def member_best(self, k: int) -> Path:
+        return self.member_dir(k) / "best.pt"
 
     def logs(self, stage: str) -> Path:
         return self.root / "logs" / stage

@@ -1,7 +1,7 @@
 """The sharded-stage contract: how every executor drives a stage whose work splits into units.
 
 A sharded stage is a module (``toolkit.data.prepare``: units are *parts*; ``toolkit.embed.stage``:
-units are *shards*; future ``explain``/``predict`` the same) that defines::
+units are *shards*; ``toolkit.explain.stage`` and ``toolkit.predict.stage`` the same) that defines::
 
     NAME: str                                  # stage name, e.g. "prepare"
     UNIT: str                                  # what a unit is called in messages ("part", "shard")
@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 #: stage name -> module implementing the contract (a dotted module path also works: plug-in stages)
 SHARDED: dict[str, str] = {"prepare": "toolkit.data.prepare", "embed": "toolkit.embed.stage",
-                           "explain": "toolkit.explain.stage"}
+                           "explain": "toolkit.explain.stage", "predict": "toolkit.predict.stage"}
 _REQUIRED = ("NAME", "UNIT", "Error", "plan", "unit_done", "run_units", "finalize", "workers", "device")
 CLAIM_CHUNK = 64  # units claimed (locks held) at a time by one task
 

@@ -264,3 +264,34 @@ def load_upstream_checkpoint(best_model_pt: str | Path, config_json: str | Path,
     load_matching(model, sd, f"checkpoint {best_model_pt} (config {config_json})")
     model.eval()
     return model, cfg
+
+
+# --- spectrolens model files ----------------------------------------------------------------------
+
+#: ``format`` values of files that hold a spectrolens model (``best.pt``; ``checkpoints/last.pt``)
+SPECTROLENS_FORMATS = ("spectrolens-model", "spectrolens-train-checkpoint")
+
+
+def load_model_file(path: str | Path, obj: Mapping[str, Any] | None = None) -> tuple[nn.Module, dict, int]:
+    """A model written by ``spectrolens train`` (``best.pt``, or a training checkpoint ``last.pt``).
+
+    Returns ``(model in eval mode on CPU, the run's whole config as a dict, output_features)``; raises
+    :class:`CheckpointError` naming the file and what is wrong. ``obj``: the already loaded file."""
+    from toolkit.model import build_model
+
+    path = Path(path)
+    obj = load_state_dict_file(path) if obj is None else obj
+    if obj.get("format") not in SPECTROLENS_FORMATS:
+        raise CheckpointError(f"checkpoint {path} is not a spectrolens model (format: {obj.get('format')!r}; "
+                              f"expected one of {', '.join(SPECTROLENS_FORMATS)})")
+    try:
+        saved = obj["config"]
+        saved = json.loads(saved) if isinstance(saved, str) else dict(saved)
+        model_cfg = ModelConfig.model_validate(saved["model"])
+        out = int(obj["output_features"])
+        model = build_model(model_cfg, out)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path} cannot be used: {type(e).__name__}: {e}") from None
+    load_matching(model, obj["model"], f"checkpoint {path}")
+    model.eval()
+    return model, saved, out

@@ -5,6 +5,11 @@ or a single process; see :mod:`toolkit.train.distributed`). Outputs in ``RUN_DIR
 checkpoints/last.pt, best.pt, metrics.jsonl/.csv, tb/, metrics.json, test_predictions.csv,
 rank<k>.json (weights hash per rank); logs in ``RUN_DIR/logs/train/rank<k>.log``.
 
+``train.ensemble: N`` (> 1) trains N members one after another, member ``k`` with seed ``train.seed + k``
+into ``RUN_DIR/train/members/<k>/`` (the same files; each resumes on its own, finished ones are skipped),
+then writes the ensemble's metrics and calibration to ``train/metrics.json`` (:mod:`toolkit.train.ensemble`)
+and copies member 0's ``best.pt`` to ``train/best.pt``.
+
 On SIGUSR1/SIGTERM (plus any ``extra_stop_signals`` the launcher names, e.g. submitit's preemption
 signal) the loop saves a checkpoint at the next batch boundary, then hands the signal to the handler
 that was installed before (the launcher's requeue; :class:`toolkit.hpc.stages.TrainJob`). This module
@@ -25,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from toolkit.config import PipelineConfig
+from toolkit.config import ConfigError, PipelineConfig
 from toolkit.layout import RunLayout
 from toolkit.runtime import task_log, write_json
 from toolkit.model.kernels import kernel_status
@@ -108,12 +113,120 @@ def run(cfg: PipelineConfig, run_dir: Path, *, stop_after_epoch: int | None = No
             record_run(cfg, run_dir, stage="train")
         D.init_process_group(denv, backend, cfg.train.dist_timeout_minutes)
         try:
-            return _train(cfg, run_dir, train_dir, denv, device, ds, split, stop_after_epoch, extra_stop_signals)
+            if cfg.train.ensemble > 1:
+                return _train_ensemble(cfg, run_dir, denv, device, ds, split, stop_after_epoch, extra_stop_signals)
+            return _train(cfg, run_dir, train_dir, denv, device, ds, split, stop_after_epoch, extra_stop_signals)[1]
         finally:
             D.destroy_process_group()
 
 
-def _train(cfg, run_dir, train_dir, denv, device, ds, split, stop_after_epoch, extra_stop_signals) -> dict:
+def member_config(cfg: PipelineConfig, k: int) -> PipelineConfig:
+    """The config ensemble member ``k`` trains with: ``train.seed + k`` (weights, data order)."""
+    from toolkit.train.ensemble import member_seed
+
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"seed": member_seed(cfg.train.seed, k)})})
+
+
+def _train_ensemble(cfg, run_dir, denv, device, ds, split, stop_after_epoch, extra_stop_signals) -> dict:
+    """Members one after another in ``train/members/<k>/`` (each resumable on its own; finished ones are
+    skipped), then (rank 0) the ensemble report: ``train/metrics.json`` with the ensemble's test metrics,
+    each member's, and the calibration; ``train/best.pt`` = member 0's (what embed loads)."""
+    layout = RunLayout(run_dir)
+    n = cfg.train.ensemble
+    for k in range(n):
+        mdir = layout.member_dir(k)
+        if (mdir / "metrics.json").is_file() and (mdir / "best.pt").is_file():
+            log.info("ensemble member %d/%d is finished (%s)", k + 1, n, mdir)
+            continue
+        log.info("ensemble member %d/%d: seed %d, %s", k + 1, n, member_config(cfg, k).train.seed, mdir)
+        mdir.mkdir(parents=True, exist_ok=True)
+        finished, _ = _train(member_config(cfg, k), run_dir, mdir, denv, device, ds, split, stop_after_epoch,
+                             extra_stop_signals)
+        if not finished:
+            return {}
+    out: dict = {}
+    if denv.is_main:
+        out = _ensemble_report(cfg, run_dir, device, ds, split)
+    D.barrier()
+    return out
+
+
+def _ensemble_report(cfg, run_dir: Path, device, ds, split) -> dict:
+    """Rank 0: every member on the validation and test splits -> ensemble metrics, calibration, metrics.json."""
+    from toolkit.data.loader import make_loader
+    from toolkit.model import build_model
+    from toolkit.train import ensemble as E
+    from toolkit.runtime import atomic_write
+    from toolkit.train.checkpoint import load
+    from toolkit.train.metrics import onset_metrics, write_predictions_csv
+
+    layout = RunLayout(run_dir)
+    n = cfg.train.ensemble
+    members = [layout.member_best(k) for k in range(n)]
+    loaders = {name: make_loader(ds.store_path, split.indices(name, ds.ids), batch_size=cfg.train.batch_size,
+                                 shuffle=False) for name in ("val", "test") if len(getattr(split, name))}
+    if "test" not in loaders:
+        raise ConfigError("train.ensemble > 1 needs a test split to measure the ensemble (train.split)")
+    ev = Trainer(cfg, build_model(cfg.model, ds.output_features), None, layout.train_dir, D.DistEnv(),
+                 device, ds.energy, ds.output_features)  # evaluation only (no loaders: no schedule)
+    preds: dict[str, list[np.ndarray]] = {name: [] for name in loaders}
+    got: dict[str, dict] = {}
+    for path in members:
+        model = build_model(cfg.model, ds.output_features).to(device)
+        model.load_state_dict(load(path)["model"])
+        for name, loader in loaders.items():
+            got[name] = ev.evaluate(loader, model=model, collect=True, reduce=False)
+            preds[name].append(got[name]["pred"])
+    thr = ds.onset_threshold
+    res = {name: E.split_errors(ds.energy, np.stack(preds[name]), got[name]["target"], thr) for name in loaders}
+    test, target = res["test"], got["test"]["target"]
+    mask = np.isfinite(target)
+
+    def mae(pred: np.ndarray) -> float:
+        return float(np.abs(np.where(mask, pred - np.nan_to_num(target), 0)).sum() / max(int(mask.sum()), 1))
+
+    member_rows = []
+    for k, p in enumerate(preds["test"]):
+        on = onset_metrics(ds.energy, p, target, thr)
+        member_rows.append({"member": k, "seed": member_config(cfg, k).train.seed, "test_spectrum_mae": mae(p),
+                            "onset_r2": on["onset_r2"], "onset_mae_eV": on["onset_mae"], "checkpoint": str(members[k])})
+    on = test["onset"]
+    per_mat = np.where(mask, np.abs(test["err"]), 0.0).sum(1) / np.maximum(mask.sum(1), 1)
+    write_predictions_csv(layout.train_dir / "test_predictions.csv", got["test"]["ids"], per_mat, on["onset_true"],
+                          on["onset_pred"])
+    val = res.get("val") or test
+    if "val" not in res:
+        log.warning("no validation split: the recalibration factor is fitted on the test split itself")
+    cal = E.calibration(val, test)
+    out = {"epochs": cfg.train.epochs, "ensemble": n, "test_spectrum_mae": mae(test["mean"]),
+           "test_n_materials": int(target.shape[0]), "onset_r2": on["onset_r2"], "onset_mae_eV": on["onset_mae"],
+           "onset_n": on["onset_n"], "onset_n_missing": on["onset_n_missing"], "onset_threshold": thr,
+           "counts": {"train": len(split.train), "val": len(split.val), "test": len(split.test),
+                      "excluded_no_spectrum": len(split.excluded_no_spectrum), "unassigned": len(split.unassigned)},
+           "members": member_rows,
+           "single_member": {"test_spectrum_mae": member_rows[0]["test_spectrum_mae"],
+                             "onset_r2": member_rows[0]["onset_r2"], "onset_mae_eV": member_rows[0]["onset_mae_eV"]},
+           "member_mean": {"test_spectrum_mae": float(np.mean([r["test_spectrum_mae"] for r in member_rows])),
+                           "onset_r2": float(np.nanmean([r["onset_r2"] for r in member_rows]))},
+           "calibration": cal}
+    nf = ds.noise_floor()
+    if nf is not None:
+        out["noise_floor"] = nf
+        out["mae_over_noise_floor"] = out["test_spectrum_mae"] / nf if nf > 0 else math.inf
+    src = members[0].read_bytes()  # embed and analyze read train/best.pt: member 0's model
+    atomic_write(layout.best_checkpoint, lambda fh: fh.write(src))
+    write_json(layout.train_metrics, out)
+    log.info("ensemble of %d: test spectrum MAE %.4f (member 0: %.4f), onset R2 %.3f (member 0: %.3f); "
+             "±2σ coverage %.3f raw, %.3f after recalibration x%.2f", n, out["test_spectrum_mae"],
+             member_rows[0]["test_spectrum_mae"], out["onset_r2"], member_rows[0]["onset_r2"],
+             cal["test_spectrum_coverage_2sigma_raw"], cal["test_spectrum_coverage_2sigma"],
+             cal["recalibration_factor"])
+    return out
+
+
+def _train(cfg, run_dir, train_dir, denv, device, ds, split, stop_after_epoch, extra_stop_signals) -> tuple[bool, dict]:
+    """Train one model into ``train_dir`` (``RUN_DIR/train``, or an ensemble member's folder); returns
+    (finished, final metrics on rank 0)."""
     from toolkit.model import build_model
 
     seed_everything(cfg.train.seed)
@@ -142,12 +255,12 @@ def _train(cfg, run_dir, train_dir, denv, device, ds, split, stop_after_epoch, e
     _write_rank_hash(trainer, train_dir, denv)
     if not state.finished:
         log.info("stopped after epoch %d of %d as asked; re-run to continue", state.epoch, cfg.train.epochs)
-        return {}
+        return False, {}
     out: dict = {}
     if denv.is_main:
         out = _final_report(cfg, trainer, ds, split, train_dir)
     D.barrier()
-    return out
+    return True, out
 
 
 def _write_rank_hash(trainer: Trainer, train_dir: Path, denv: D.DistEnv) -> None:
@@ -173,7 +286,7 @@ def _final_report(cfg, trainer: Trainer, ds, split, train_dir: Path) -> dict:
     if nf is not None:
         out["noise_floor"] = nf
         out["mae_over_noise_floor"] = res["test_spectrum_mae"] / nf if nf > 0 else math.inf
-    write_json(RunLayout(train_dir.parent).train_metrics, out)
+    write_json(train_dir / "metrics.json", out)  # = RunLayout.train_metrics (or a member's)
     log.info("test spectrum MAE %.4f, onset R2 %.3f, onset MAE %.3f eV%s", res["test_spectrum_mae"],
              res["onset_r2"], res["onset_mae_eV"],
              f", {out['mae_over_noise_floor']:.2f}x noise floor" if nf is not None else "")

@@ -32,7 +32,7 @@ VERSION = 1
 
 # Train-section fields that may change between a run and its resume without changing the result.
 RESUME_SAFE_TRAIN_FIELDS = {"num_workers", "checkpoint_every", "max_checkpoint_minutes", "progress",
-                            "dist_timeout_minutes", "device", "dist_backend"}
+                            "dist_timeout_minutes", "device", "dist_backend", "ensemble"}
 
 
 def atomic_save(obj: dict, path: Path) -> None:

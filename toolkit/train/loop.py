@@ -99,7 +99,7 @@ def weights_sha256(model: nn.Module) -> str:
 class Trainer:
     """Trains ``model`` on ``loaders``; writes into ``train_dir`` (checkpoints, metrics)."""
 
-    def __init__(self, cfg, model: nn.Module, loaders: Loaders, train_dir: Path, dist_env: D.DistEnv,
+    def __init__(self, cfg, model: nn.Module, loaders: Loaders | None, train_dir: Path, dist_env: D.DistEnv,
                  device: torch.device, energy: np.ndarray, output_features: int, stop: StopFlag | None = None) -> None:
         self.cfg = cfg
         self.tc = cfg.train
@@ -121,10 +121,11 @@ class Trainer:
         # fused: one kernel over all parameters (CPU and CUDA); ~2.7x faster than the per-tensor loop on CPU
         self.optimizer = torch.optim.AdamW(self.raw_model.parameters(), lr=self.tc.learning_rate,
                                            weight_decay=self.tc.weight_decay, fused=device.type in ("cpu", "cuda"))
-        self.total_steps = self.tc.epochs * loaders.steps_per_epoch
+        # loaders=None: a Trainer used only to evaluate models (ensemble report): no schedule
+        self.total_steps = self.tc.epochs * loaders.steps_per_epoch if loaders is not None else 0
         self.scheduler = (torch.optim.lr_scheduler.OneCycleLR(self.optimizer, max_lr=self.tc.learning_rate,
                                                               total_steps=self.total_steps, pct_start=self.tc.pct_start)
-                          if self.tc.scheduler == "onecycle" else None)
+                          if self.tc.scheduler == "onecycle" and loaders is not None else None)
         self.bf16 = use_bf16(self.tc.precision, device.type)
         self.state = TrainState()
         self.lr_trace: list[float] = []  # LR used by each optimizer step of this process (tests, diagnostics)
