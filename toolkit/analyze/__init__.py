@@ -29,7 +29,7 @@ from toolkit.analyze.steps import (FIGURES, FIT_MAX, MIN_CLUSTER_FOR_RECOVERY, P
                                    benchmark_recovery, onset_of, write_comparison_figure, write_layer_figures)
 from toolkit.errors import SpectrolensError
 from toolkit.layout import RunLayout
-from toolkit.runtime import task_log, write_json
+from toolkit.runtime import task_log, write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -233,12 +233,45 @@ def analyze_inputs(cfg, inp: Inputs) -> dict[str, Any]:
     figures["_global"] = write_comparison_figure(result["layer_comparison"]["ami_vs_reference"], result["probes"], figdir)
     write_json(layout.attribution, result)
     _write_clusters(out / "clusters.csv", inp.ids, inp.reader, inp.rows, {lr.name: lr.labels for lr in results})
+    experiment = _experiment(cfg, inp, formulas)
     render(result, figures, layout.report, f"spectrolens analysis: {inp.run_dir.name}", explain=_explain(inp.run_dir),
-           interactive=imaps)
+           interactive=imaps, experiment=experiment)
     chem = _chemiscope(cfg, inp, results, formulas)  # issue 21: analyze/chemiscope.json.gz
     log.info("analyze: done in %.1f s -> %s", time.time() - t0, out)
     log.info("%s", _summary(layout, results, chem))
     return result
+
+
+EXPERIMENT_FRAGMENT = "experiment/fragment.html"  # under analyze/: the report's comparison section, kept for re-renders
+
+
+def _experiment(cfg, inp: Inputs, formulas) -> str | None:
+    """``analyze.compare_experiment``: the predicted spectra of the run's materials against measured
+    refractiveindex.info spectra of the same reduced formula (:func:`toolkit.predict.experiment.
+    compare_spectra`), written under ``analyze/experiment/`` (table, figures, the report's fragment);
+    None when not asked or no predictions."""
+    from toolkit.predict.experiment import compare_spectra
+
+    out = RunLayout(inp.run_dir).analyze_dir / "experiment"
+    frag = RunLayout(inp.run_dir).analyze_dir / EXPERIMENT_FRAGMENT
+    frag.unlink(missing_ok=True)  # never keep an earlier analysis' comparison
+    ref = cfg.analyze.compare_experiment
+    if ref is None:
+        return None
+    if inp.predicted is None:
+        log.warning("analyze: analyze.compare_experiment is set but the run has no predicted spectra (embed first)")
+        return None
+    attrs = inp.reader.attrs
+    pred_onset = inp.table.column("pred:onset") if "pred:onset" in inp.table.names else None
+    comp = compare_spectra([str(i) for i in inp.ids], [str(f) for f in formulas], inp.energy, np.asarray(inp.predicted),
+                           ref, onset=pred_onset if pred_onset is not None else np.full(len(inp.ids), np.nan),
+                           transform=attrs.get("transform", "log10_alpha"),
+                           log_floor=float(attrs.get("log_floor", cfg.data.log_floor)),
+                           threshold=float(attrs.get("onset_threshold", cfg.data.onset_threshold)), out_dir=out)
+    write_text(frag, comp.html)
+    log.info("analyze: %d predicted-vs-measured matches (%d measured pages) -> %s", len(comp.rows),
+             comp.n_references, out)
+    return comp.html
 
 
 def _chemiscope(cfg, inp: Inputs, results: list[LayerResult], formulas) -> Path | None:
@@ -309,8 +342,10 @@ def rerender_report(run_dir: Path) -> Path | None:
         figures["_global"] = {"layers": u}
     from toolkit.analyze.interactive import load_all  # interactive maps (issue 21)
 
+    frag = layout.analyze_dir / EXPERIMENT_FRAGMENT
     return render(result, figures, layout.report, f"spectrolens analysis: {Path(run_dir).name}",
-                  explain=_explain(Path(run_dir)), interactive=load_all(layout.analyze_dir / "interactive", list(result["layers"])))
+                  explain=_explain(Path(run_dir)), interactive=load_all(layout.analyze_dir / "interactive", list(result["layers"])),
+                  experiment=frag.read_text() if frag.is_file() else None)
 
 
 def _write_linkage(linkage_dir: Path, lr: LayerResult) -> None:

@@ -276,10 +276,12 @@ def _cell(v: Any) -> str:
 
 
 def render(attribution: dict[str, Any], figures: dict[str, dict[str, str]], out: Path, title: str,
-           explain: dict | None = None, interactive: dict[str, dict] | None = None) -> Path:
+           explain: dict | None = None, interactive: dict[str, dict] | None = None,
+           experiment: str | None = None) -> Path:
     """Write the report; ``figures[layer][name]`` are data URIs, ``figures["_global"]["layers"]`` the
     layer-comparison figure; ``explain``: :func:`toolkit.explain.stage.explain_summary_for_report`;
-    ``interactive``: the maps of :func:`toolkit.analyze.interactive.map_data` by layer."""
+    ``interactive``: the maps of :func:`toolkit.analyze.interactive.map_data` by layer; ``experiment``:
+    the self-contained fragment of :func:`toolkit.predict.experiment.compare_spectra` (None: a note)."""
     tpl = Template(resources.files("toolkit.analyze").joinpath("templates/report.html").read_text())
     layers = attribution["layers"]
     nav = " ".join(f'<a href="#layer-{html.escape(n)}">{html.escape(n)}</a>' for n in layers)
@@ -347,6 +349,9 @@ def render(attribution: dict[str, Any], figures: dict[str, dict[str, str]], out:
     page = tpl.substitute(title=html.escape(title), meta=meta, nav=nav, overview="\n".join(ov),
                           layers="\n".join(lay), drivers=drivers_html(attribution.get("drivers")),
                           explain=explain_html(explain, attribution.get("drivers")),
+                          experiment=experiment or ("<p class='meta'>No comparison with measured spectra: set "
+                                                    "<code>analyze.compare_experiment</code> to a refractiveindex.info "
+                                                    "database folder (docs/predict.md).</p>"),
                           sections="\n".join(sections))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".html.tmp")
