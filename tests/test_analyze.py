@@ -64,6 +64,9 @@ def test_outputs_and_schema(analyzed):
     assert on_disk["format"] == "spectrolens-attribution" and on_disk["n_materials"] == N
     layers = on_disk["layers"]
     assert set(layers) == {"alignn_1", "gcn_1", "readout", "spectrum_reference", "spectrum_predicted"}
+    nov = on_disk["novelty"]  # every material has a spectrum and there is no split here: all are training
+    assert nov["available"] and nov["n_training"] == N and nov["n_far"] == 0
+    assert len((out / "novelty.csv").read_text().splitlines()) == N + 1
     for name, L in layers.items():
         k = L["clustering"]["n_clusters"]
         assert 2 <= k <= 10 and len(L["clusters"]) == k

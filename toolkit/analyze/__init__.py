@@ -14,6 +14,7 @@ per-layer analysis, the figures and the attribution.json assembly are steps of
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import time
@@ -230,6 +231,7 @@ def analyze_inputs(cfg, inp: Inputs) -> dict[str, Any]:
             imaps[name] = interactive.save(out / "interactive", m)
     result = assemble_attribution(cfg, inp, results, names, aliases, truth=inp.reader.attrs.get("benchmark_truth"),
                                   drivers=drivers)
+    result["novelty"] = _novelty(cfg, inp, formulas, out)
     figures["_global"] = write_comparison_figure(result["layer_comparison"]["ami_vs_reference"], result["probes"], figdir)
     write_json(layout.attribution, result)
     _write_clusters(out / "clusters.csv", inp.ids, inp.reader, inp.rows, {lr.name: lr.labels for lr in results})
@@ -240,6 +242,31 @@ def analyze_inputs(cfg, inp: Inputs) -> dict[str, Any]:
     log.info("analyze: done in %.1f s -> %s", time.time() - t0, out)
     log.info("%s", _summary(layout, results, chem))
     return result
+
+
+def _novelty(cfg, inp: Inputs, formulas, out: Path) -> dict[str, Any]:
+    """Distance of every material's readout embedding to the training data (:mod:`toolkit.analyze.novelty`);
+    the ratios go to ``analyze/novelty.csv``, the summary to attribution.json ``novelty``."""
+    from toolkit.analyze.novelty import far_from_training, training_mask
+
+    key = f"layers/readout/{cfg.analyze.pooling}"
+    if inp.emb is None or key not in inp.emb:
+        return {"available": False, "reason": f"no {key} in embeddings.zarr"}
+    train, source = training_mask(inp.run_dir, inp.ids, inp.has_spec)
+    nov, ratio = far_from_training(np.asarray(inp.emb[key][...]), train, inp.ids, [str(f) for f in formulas],
+                                   factor=cfg.analyze.novelty_factor, seed=cfg.analyze.seed)
+    nov["training_from"] = source
+    if ratio is not None:
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(["id", "formula", "training", "distance_ratio", "far"])
+        for i, (mid, t, r) in enumerate(zip(inp.ids, train, ratio)):
+            w.writerow([mid, formulas[i], int(t), f"{r:.4f}", int(r > nov["factor"])])
+        write_text(out / "novelty.csv", buf.getvalue())
+        log.info("analyze: %d of %d materials outside the training split are far from it (readout distance > %g x "
+                 "the typical nearest-neighbour distance) -> %s", nov["n_far"], nov["n_other"], nov["factor"],
+                 out / "novelty.csv")
+    return nov
 
 
 EXPERIMENT_FRAGMENT = "experiment/fragment.html"  # under analyze/: the report's comparison section, kept for re-renders

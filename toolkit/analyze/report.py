@@ -222,6 +222,24 @@ def consistency(drivers: dict | None, effects: list[dict]) -> list[dict[str, Any
     return out
 
 
+def novelty_html(nov: dict | None) -> str:
+    """How many materials lie far from the training data (:mod:`toolkit.analyze.novelty`) and the farthest."""
+    if not nov:
+        return ""
+    if not nov.get("available"):
+        return f"<p class='meta'>Distance to the training data not computed ({html.escape(str(nov.get('reason')))}).</p>"
+    s = [f"<p>Distance to the training data (readout embeddings, {html.escape(str(nov.get('training_from')))}): "
+         f"{nov['n_far']} of {nov['n_other']} materials outside the training split are farther than "
+         f"{nov['factor']:g} x the typical nearest-neighbour distance between training materials "
+         f"({100 * nov['share_far']:.1f} %); predictions and cluster memberships there are extrapolations "
+         f"(per material: analyze/novelty.csv).</p>"]
+    if nov.get("farthest"):
+        s.append(_table(["material", "formula", "distance / typical"],
+                        [[html.escape(r["id"]), html.escape(str(r.get("formula") or "")), f"{r['ratio']:.2f}"]
+                         for r in nov["farthest"]]))
+    return "\n".join(s)
+
+
 def explain_html(explain: dict | None, drivers: dict | None) -> str:
     """The counterfactual section (``toolkit.explain.stage.explain_summary_for_report``); a note when absent."""
     if not explain or not explain.get("available"):
@@ -297,6 +315,7 @@ def render(attribution: dict[str, Any], figures: dict[str, dict[str, str]], out:
             ov.append(_table(["planted driver", "named by a cluster", "clusters it defines", "named in its feature's ranking"], [
                 [html.escape(str(d)), yes[bool(v.get("named"))], v.get("defining_clusters", ""),
                  yes[v.get("named_in_feature_ranking")]] for d, v in per.items()]))
+    ov.append(novelty_html(attribution.get("novelty")))
     rows = [[n, L["clustering"]["n_clusters"], L["clustering"]["mode"],
              "" if L.get("ami_reference") is None else f"{L['ami_reference']:.2f}",
              "" if L["surrogate"].get("holdout_balanced_accuracy") is None else f"{L['surrogate']['holdout_balanced_accuracy']:.2f}"]
