@@ -280,7 +280,7 @@ def test_clusters_sampling_and_per_cluster_summary(prepared):
     (run_dir / "analyze").mkdir()
     (run_dir / "analyze" / "clusters.csv").write_text(
         "id,formula,gcn_1,readout\n" + "".join(f"{m},X,0,{i % 2}\n" for i, m in enumerate(ids)))
-    cfg = Cfg(prepared["cfg"], per_cluster=2, edits=["strain"], attribution=False, shard_size=3, seed=1)
+    cfg = Cfg(prepared["cfg"], per_cluster=2, edits=["strain"], attribution=True, ig_steps=4, shard_size=3, seed=1)
     summary = stage.run(cfg, run_dir)
     plan = json.loads(op.plan_path(run_dir).read_text())
     assert plan["cluster_column"] == "readout" and sorted(plan["clusters"]) == [0, 0, 1, 1]
@@ -288,6 +288,14 @@ def test_clusters_sampling_and_per_cluster_summary(prepared):
     assert summary["n_edits"] == 4 * 4 and summary["edits_by_type"]["strain"] == 16
     table = stage.read_table(op.table_path(run_dir))
     assert {r["cluster"] for r in table} == {"all", "0", "1"}
+    # attributions aggregated per cluster as well: the clusters' element sums add up to the dataset's
+    attr = json.loads(op.attributions_path(run_dir).read_text())
+    assert sorted(attr["by_cluster"]) == ["0", "1"] and all(v["n_materials"] == 2 for v in attr["by_cluster"].values())
+    for row in attr["element"]:
+        parts = [r["sum"] for v in attr["by_cluster"].values() for r in v["element"] if r["key"] == row["key"]]
+        assert sum(parts) == pytest.approx(row["sum"], rel=1e-9, abs=1e-12)
+    rep = stage.explain_summary_for_report(run_dir)["attribution_by_cluster"]
+    assert [r["cluster"] for r in rep["rows"]] == ["0", "1"] and all(r["top element"] for r in rep["rows"])
 
 
 # --------------------------------------------------------------------------------- planted rule

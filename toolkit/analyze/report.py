@@ -285,6 +285,7 @@ def explain_html(explain: dict | None, drivers: dict | None) -> str:
     table("attribution_elements", "attribution by element")
     table("attribution_bonds", "attribution by bond type")
     table("attribution_angles", "attribution by angle bin")
+    table("attribution_by_cluster", "attribution by cluster (mean per material of the two strongest keys)")
     table("rejects", "rejected edits")
     return "\n".join(s)
 

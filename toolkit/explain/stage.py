@@ -305,12 +305,14 @@ def explain_materials(materials: list[dict], model: torch.nn.Module, cfg: Any, e
                 log_floor=cfg.data.log_floor)
             a = gr.integrated_gradients(model, item, weights, opts.ig_steps, dev)
             symbols = [site.specie.symbol for site in m["structure"]]
+            mine = attr.setdefault("by_cluster", {}).setdefault(str(m["cluster"]), {"element": {}, "bond": {}, "angle": {}})
             for group, vals in gr.aggregate(a, symbols, opts.bond_bin, opts.angle_bin).items():
                 for key, (s, n) in vals.items():
-                    acc = attr["aggregates"][group].setdefault(key, [0.0, 0, 0])
-                    acc[0] += s
-                    acc[1] += n
-                    acc[2] += 1
+                    for target in (attr["aggregates"], mine):  # the dataset, and the material's cluster
+                        acc = target[group].setdefault(key, [0.0, 0, 0])
+                        acc[0] += s
+                        acc[1] += n
+                        acc[2] += 1
             tot_abs = float(np.abs(a.atoms).sum() + np.abs(a.bonds).sum() + np.abs(a.angles).sum()) or 1.0
             attr["materials"].append({
                 "id": m["id"], "cluster": m["cluster"], "target": a.target, "baseline_target": a.baseline_target,
@@ -433,22 +435,33 @@ SUMMARY_COLUMNS = ["type", "label", "cluster", "feature", "n", "mean", "std", "m
 
 def _merge_attr(run_dir: Path, n_shards: int) -> dict:
     agg: dict[str, dict[str, list]] = {"element": {}, "bond": {}, "angle": {}}
+    by_cluster: dict[str, dict[str, dict[str, list]]] = {}
     mats, reps = [], []
-    for s in range(n_shards):
-        a = json.loads(op.shard_file(run_dir, s, "attr.json").read_text())
-        for group, vals in a["aggregates"].items():
+
+    def merge(into: dict[str, dict[str, list]], vals_by_group: dict) -> None:
+        for group, vals in vals_by_group.items():
             for key, (tot, cnt, nm) in vals.items():
-                acc = agg[group].setdefault(key, [0.0, 0, 0])
+                acc = into[group].setdefault(key, [0.0, 0, 0])
                 acc[0] += tot
                 acc[1] += cnt
                 acc[2] += nm
+
+    for s in range(n_shards):
+        a = json.loads(op.shard_file(run_dir, s, "attr.json").read_text())
+        merge(agg, a["aggregates"])
+        for c, groups in (a.get("by_cluster") or {}).items():
+            merge(by_cluster.setdefault(c, {"element": {}, "bond": {}, "angle": {}}), groups)
         mats += a["materials"]
         reps += a["representatives"]
     n = max(len(mats), 1)
+    n_in = defaultdict(int)
+    for m in mats:
+        n_in[str(m["cluster"])] += 1
 
-    def table(group: str) -> list[dict]:
+    def table(group: str, src: dict | None = None, n_mat: int | None = None) -> list[dict]:
+        src, n_mat = (agg, n) if src is None else (src, max(n_mat or 0, 1))
         rows = [{"key": k, "sum": t, "count": c, "n_materials": m, "mean_per_item": t / c if c else float("nan"),
-                 "mean_per_material": t / n} for k, (t, c, m) in agg[group].items()]
+                 "mean_per_material": t / n_mat} for k, (t, c, m) in src[group].items()]
         return sorted(rows, key=lambda r: -abs(r["mean_per_material"]))
 
     angle_only: dict[str, list] = {}
@@ -466,6 +479,8 @@ def _merge_attr(run_dir: Path, n_shards: int) -> dict:
             "share_mean": {k: float(np.mean([m["share"][k] for m in mats])) if mats else None
                            for k in ("atoms", "bonds", "angles")},
             "target_kinds": {k: sum(m["target_kind"] == k for m in mats) for k in sorted({m["target_kind"] for m in mats})},
+            "by_cluster": {c: {"n_materials": n_in[c], **{g: table(g, groups, n_in[c])[:10] for g in groups}}
+                           for c, groups in sorted(by_cluster.items(), key=lambda t: int(t[0]))},
             "materials": mats, "representatives": reps}
 
 
@@ -617,6 +632,11 @@ def explain_summary_for_report(run_dir: Path, top: int = 15) -> dict:
                                                       "n_materials"]),
         "attribution_angles": fmt(attr["angle"][:top], ["key", "mean_per_material", "mean_per_item", "count",
                                                         "n_materials"]),
+        "attribution_by_cluster": fmt([{"cluster": c, "n": v["n_materials"],
+                                        **{f"top {g}": ", ".join(f"{r['key']} ({r['mean_per_material']:+.3g})"
+                                                                 for r in v[g][:2]) for g in ("element", "bond", "angle")}}
+                                       for c, v in (attr.get("by_cluster") or {}).items() if c != "-1"][:4 * top],
+                                      ["cluster", "n", "top element", "top bond", "top angle"]),
         "attribution_quality": summary["attribution"],
         "maps": [{**mp, "data_uri": _data_uri(op.explain_dir(run_dir) / mp["file"])}
                  for mp in summary.get("maps", []) if (op.explain_dir(run_dir) / mp["file"]).is_file()],
