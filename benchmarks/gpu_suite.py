@@ -26,7 +26,6 @@ Targets (docs/performance.md): >= 1,000 training structures/s on one H200; extra
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import sys
 import tempfile
@@ -35,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import SHARED_DATA, emit, machine_info, tune_malloc  # noqa: E402
+from _common import SHARED_DATA, emit, machine_info, tune_malloc
 
 
 def _structures(data: Path, n: int) -> list:

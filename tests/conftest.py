@@ -52,3 +52,20 @@ def smallest_mp_jsonl(shared_data: Path, dest: Path, n: int) -> Path:
     objs = sorted((json.loads(x) for x in lines), key=lambda o: (len(o["structure"]["sites"]), o["material_id"]))
     dest.write_text("".join(json.dumps(o) + "\n" for o in objs[:n]))
     return dest
+
+
+def untrained_checkpoint(cfg, run: Path, dest: Path) -> Path:
+    """An untrained model (seed 0) for the prepared run ``run``, saved as a spectrolens checkpoint at
+    ``dest`` (embed.checkpoint): for tests of the stages after training that need no learning."""
+    import torch
+
+    from toolkit.data.store import DatasetReader
+    from toolkit.model import build_model
+    from toolkit.train import checkpoint as ckpt
+
+    g = len(DatasetReader(run / "dataset.zarr").energy)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, g)
+    ckpt.atomic_save({"format": ckpt.MODEL_FORMAT, "version": ckpt.VERSION, "model": model.state_dict(),
+                      "config": cfg.model_dump_json(), "output_features": g, "epoch": 0, "val_mae": 1.0}, dest)
+    return dest

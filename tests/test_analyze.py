@@ -12,10 +12,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from conftest import untrained_checkpoint
 
 from toolkit import analyze
-from toolkit.analyze.attribution import dedupe_categorical, enrichment, matches, precision_at_k
+from toolkit.analyze.attribution import (
+    dedupe_categorical,
+    enrichment,
+    matches,
+    precision_at_k,
+)
 from toolkit.analyze.descriptors import DescriptorTable
 from toolkit.config import load_config
 from toolkit.data import prepare
@@ -37,20 +42,12 @@ def _cfg(tmp: Path, **analyze_kw):
 @pytest.fixture(scope="module")
 def analyzed(tmp_path_factory):
     from toolkit import embed
-    from toolkit.data.store import DatasetReader
-    from toolkit.model import build_model
-    from toolkit.train import checkpoint as ckpt
 
     root = tmp_path_factory.mktemp("analyze")
     run = root / "run"
     cfg = _cfg(root)
     prepare.run(cfg, run)
-    g = len(DatasetReader(run / "dataset.zarr").energy)
-    torch.manual_seed(0)
-    model = build_model(cfg.model, g)
-    ckpt.atomic_save({"format": ckpt.MODEL_FORMAT, "version": ckpt.VERSION, "model": model.state_dict(),
-                      "config": cfg.model_dump_json(), "output_features": g, "epoch": 0, "val_mae": 1.0},
-                     root / "best.pt")
+    untrained_checkpoint(cfg, run, root / "best.pt")
     embed.run(cfg, run)
     result = analyze.run(cfg, run)
     return {"cfg": cfg, "run": run, "result": result, "root": root}

@@ -8,7 +8,7 @@ import csv
 import shutil
 
 import pytest
-import torch
+from conftest import untrained_checkpoint
 
 from toolkit import analyze, embed
 from toolkit.config import load_config
@@ -21,9 +21,6 @@ STRUCTURES = ("Al2O3_mp-1143", "As2Se3_mp-1078443", "AlPO4_mp-7848", "Ag2SO4_mp-
 @pytest.mark.slow  # prepare + embed + analyze of 8 real structures, ~40 s on 2 cores
 def test_report_compares_predictions_with_measured_spectra(tmp_path, shared_data):
     from toolkit.data.readers.refractiveindex import load_references
-    from toolkit.data.store import DatasetReader
-    from toolkit.model import build_model
-    from toolkit.train import checkpoint as ckpt
 
     folder = tmp_path / "poscars"
     folder.mkdir()
@@ -39,12 +36,7 @@ def test_report_compares_predictions_with_measured_spectra(tmp_path, shared_data
         "analyze": {"workers": 1, "compare_experiment": str(ri), "n_clusters": 2, "permutation_repeats": 1,
                     "probe_folds": 2, "drivers": False, "chemiscope": False}})
     prepare.run(cfg, run)
-    g = len(DatasetReader(run / "dataset.zarr").energy)
-    torch.manual_seed(0)
-    model = build_model(cfg.model, g)
-    ckpt.atomic_save({"format": ckpt.MODEL_FORMAT, "version": ckpt.VERSION, "model": model.state_dict(),
-                      "config": cfg.model_dump_json(), "output_features": g, "epoch": 0, "val_mae": 1.0},
-                     tmp_path / "best.pt")
+    untrained_checkpoint(cfg, run, tmp_path / "best.pt")
     embed.run(cfg, run)
     analyze.run(cfg, run)
     rows = list(csv.DictReader((run / "analyze" / "experiment" / "comparison.csv").open()))

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import torch
+from conftest import untrained_checkpoint
 
 from toolkit import analyze
 from toolkit.analyze import interactive
@@ -29,8 +29,6 @@ MODEL = {"alignn_layers": 1, "gcn_layers": 1, "hidden_features": 16, "embedding_
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     from toolkit import embed
-    from toolkit.model import build_model
-    from toolkit.train import checkpoint as ckpt
 
     root = tmp_path_factory.mktemp("interactive")
     run = root / "run"
@@ -40,12 +38,7 @@ def run_dir(tmp_path_factory) -> Path:
         "analyze": {"workers": 1, "permutation_repeats": 2, "probe_folds": 3, "max_clusters": 6, "layers": LAYERS,
                     "drivers": False, "chemiscope": "auto"}})
     prepare.run(cfg, run)
-    g = len(DatasetReader(run / "dataset.zarr").energy)
-    torch.manual_seed(0)
-    model = build_model(cfg.model, g)
-    ckpt.atomic_save({"format": ckpt.MODEL_FORMAT, "version": ckpt.VERSION, "model": model.state_dict(),
-                      "config": cfg.model_dump_json(), "output_features": g, "epoch": 0, "val_mae": 1.0},
-                     root / "best.pt")
+    untrained_checkpoint(cfg, run, root / "best.pt")
     embed.run(cfg, run)
     analyze.run(cfg, run)
     return run

@@ -38,7 +38,11 @@ from typing import Any
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from toolkit.analyze.descriptors import DescriptorTable, descriptor_family, is_categorical
+from toolkit.analyze.descriptors import (
+    DescriptorTable,
+    descriptor_family,
+    is_categorical,
+)
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +225,7 @@ def feature_drivers(x: np.ndarray, y: np.ndarray, names: list[str], seed: int = 
     return {"families": fam_rows, "descriptors": keep, "confounded": [r["descriptor"] for r in riders],
             "strata": strata,
             "model": {"model": "HistGradientBoostingRegressor", "r2_holdout": round(r2, 4), "n": int(n),
-                      "n_train": int(len(tr)), "n_test": int(len(te)), "n_descriptors": int(d), "repeats": repeats,
+                      "n_train": len(tr), "n_test": len(te), "n_descriptors": int(d), "repeats": repeats,
                       "importance": "drop in hold-out R^2 when shuffled (permutation)"}}
 
 
@@ -266,7 +270,7 @@ def _within_strata(x, y, names, fam, families, fimp, imp_m, seed, repeats, min_s
         acc += len(rows) * _perm_drop(m, x[te], y[te], [[j] for j in range(d)], repeats, rng, var).mean(1)
         fam_acc += len(rows) * _perm_drop(m, x[te], y[te], groups_f, repeats, rng, var).mean(1)
         total += len(rows)
-        used.append({"stratum": snames[s] if s < len(snames) else str(s), "n": int(len(rows)), "r2_holdout": round(r2, 4)})
+        used.append({"stratum": snames[s] if s < len(snames) else str(s), "n": len(rows), "r2_holdout": round(r2, 4)})
     if not used:
         return {"by": by, "family": top_family, "strata": [], "reason": f"no stratum with >= {min_stratum} materials"}
     acc /= total

@@ -126,9 +126,9 @@ class SignalIndex:
         sulfide in every case stays two findings). Classes of different families never nest (a
         phosphate is an oxide, but the PO4 unit is a finding of its own)."""
         for spec, gen in ((a, b), (b, a)):
-            if self.within(spec, gen) and not self.within(gen, spec) and _axis(spec) == _axis(gen):
-                if family(spec) in IDENTITY_FAMILIES or family(spec) == family(gen):
-                    return spec, gen
+            same_axis = _axis(spec) == _axis(gen) and (family(spec) in IDENTITY_FAMILIES or family(spec) == family(gen))
+            if same_axis and self.within(spec, gen) and not self.within(gen, spec):
+                return spec, gen
         return None
 
     # -- which heads a merged group
@@ -159,7 +159,7 @@ class SignalIndex:
         ``enriched(r)``: a 0/1 descriptor more prevalent in the group (only those merge by nesting)."""
         groups: list[list[dict]] = []
         by_name = {r["descriptor"]: r for r in ranked}
-        pv = lambda nm: prev(by_name[nm])  # noqa: E731
+        pv = lambda nm: prev(by_name[nm])
 
         def related(a: dict, b: dict) -> bool:
             if side(a) != side(b):
