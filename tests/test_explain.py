@@ -205,8 +205,8 @@ def test_stage_outputs_and_report(reference):
     for key in ("effects", "attribution_elements", "attribution_bonds", "attribution_angles"):
         assert rep[key]["rows"] and set(rep[key]["rows"][0]) == set(rep[key]["columns"])
     assert len(rep["representatives"]) == 2 and rep["representatives"][0]["top_atoms"]
-    # attribution maps: one per cluster's first representative, drawn, indexed in summary.json, in the report
-    assert summary["maps"] and len(rep["maps"]) == len(summary["maps"])
+    # attribution maps: every representative's, drawn, indexed in summary.json, in the report
+    assert len(summary["maps"]) == len(rep["representatives"]) == 2 and len(rep["maps"]) == len(summary["maps"])
     for mp in summary["maps"]:
         assert (op.explain_dir(run_dir) / mp["file"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert all(m["data_uri"].startswith("data:image/png;base64,") for m in rep["maps"])

@@ -528,12 +528,12 @@ def finalize(cfg: Any, run_dir: Path) -> dict:
     return summary
 
 
-MAX_MAPS = 12  # attribution maps drawn: the first representative of (up to) this many clusters
+MAX_MAPS = 24  # attribution maps drawn at most: the representatives of the first clusters
 
 
 def _draw_maps(run_dir: Path, reps: list[dict]) -> list[dict]:
-    """Attribution maps (:func:`toolkit.explain.maps.attribution_map`) of the first representative of
-    each cluster, at most MAX_MAPS, as ``explain/figures/map_<k>.png``; their index for summary.json."""
+    """Attribution maps (:func:`toolkit.explain.maps.attribution_map`) of the representatives of each
+    cluster, at most MAX_MAPS, as ``explain/figures/map_<k>.png``; their index for summary.json."""
     import matplotlib.pyplot as plt
 
     from toolkit.explain.maps import attribution_map
@@ -543,11 +543,8 @@ def _draw_maps(run_dir: Path, reps: list[dict]) -> list[dict]:
         return []
     reader = _reader(run_dir)
     row_of = {str(x): i for i, x in enumerate(reader.ids)}
-    chosen, seen = [], set()
-    for r in reps:
-        if r["cluster"] not in seen and str(r["id"]) in row_of:
-            seen.add(r["cluster"])
-            chosen.append(r)
+    # every cluster's representatives (explain.representatives each), clusters in order, at most MAX_MAPS
+    chosen = sorted((r for r in reps if str(r["id"]) in row_of), key=lambda r: int(r["cluster"]))
     out = []
     figdir = op.explain_dir(run_dir) / "figures"
     figdir.mkdir(parents=True, exist_ok=True)
