@@ -290,4 +290,9 @@ def _final_report(cfg, trainer: Trainer, ds, split, train_dir: Path) -> dict:
     log.info("test spectrum MAE %.4f, onset R2 %.3f, onset MAE %.3f eV%s", res["test_spectrum_mae"],
              res["onset_r2"], res["onset_mae_eV"],
              f", {out['mae_over_noise_floor']:.2f}x noise floor" if nf is not None else "")
+    files = [("best model", trainer.best_path), ("metrics", train_dir / "metrics.json"),
+             ("per epoch", train_dir / "metrics.jsonl"), ("test predictions", train_dir / "test_predictions.csv"),
+             ("resume state", train_dir / "checkpoints")]
+    log.info("train: done (%d epochs, best epoch %s)\n%s", cfg.train.epochs, trainer.state.best_epoch,
+             "\n".join(f"  {k:<17} {p}" + ("" if Path(p).exists() else "  (not written)") for k, p in files))
     return out
