@@ -82,3 +82,25 @@ def test_preprocessing_imputes_and_records():
     assert tf.info["imputed_values"] == int(np.isnan(x).sum()) and tf.info["pca_components"] == 3
     res = cluster(x, n_clusters=3, pca_components=3)
     assert res.summary()["preprocessing"]["pca_components"] == 3
+
+
+def test_umap_map_is_display_only():
+    """analyze.map_projection = umap (umap-learn): the 2-D map changes, the clustering does not; the
+    interactive map and the figure name their axes after the projection."""
+    pytest.importorskip("umap")
+    from toolkit.analyze import interactive
+    from toolkit.analyze.clustering import cluster
+
+    rng = np.random.default_rng(0)
+    x = np.vstack([rng.normal(c, 0.3, (40, 6)) for c in (0.0, 3.0, 6.0)]).astype(np.float32)
+    pca = cluster(x, n_clusters=3, seed=0)
+    um = cluster(x, n_clusters=3, seed=0, projection="umap")
+    assert np.array_equal(pca.labels, um.labels) and um.preprocessing["map"] == "umap"
+    assert um.coords.shape == (120, 2) and np.isfinite(um.coords).all() and not np.allclose(um.coords, pca.coords)
+    # UMAP keeps the three groups apart: every material is nearer its own group's centre than any other's
+    centres = np.stack([um.coords[um.labels == c].mean(0) for c in range(3)])
+    nearest = np.argmin(((um.coords[:, None, :] - centres[None]) ** 2).sum(-1), axis=1)
+    assert np.array_equal(nearest, um.labels)
+    d = interactive.map_data("gcn_1", [f"m{i}" for i in range(120)], ["X"] * 120, um.coords, um.labels, {},
+                             np.linspace(0, 15, 31), projection="umap")
+    assert "2-D map (UMAP)" in interactive._figure_html(d, "map-gcn_1") and "UMAP 1" in interactive._figure_html(d, "x")

@@ -214,6 +214,8 @@ class AnalyzeConfig(_Section):
                                 "two children each hold at least this many materials")
     max_splits: int = Field(500, ge=1, description="at most this many splits explained per layer (largest first)")
     drivers: bool = Field(True, description="rank the drivers of each spectral feature (attribution.json 'drivers')")
+    map_projection: Literal["pca", "umap"] = Field("pca", description="the 2-D map of each layer (figures, "
+                                                   "interactive map, chemiscope): PCA, or UMAP (umap-learn)")
     novelty_factor: float = Field(2.0, gt=0, description="materials whose readout embedding is farther than this x the "
                                   "typical nearest-neighbour distance from the training materials are flagged "
                                   "(analyze/novelty.csv, report)")

@@ -345,13 +345,15 @@ def choose_k(z: np.ndarray, leaf_of: np.ndarray, feats_sample: np.ndarray, rows:
 def cluster(x: Any, n_clusters: int | str = "auto", max_clusters: int = 20, standardize: bool = True,
             pca_components: int | None = None, scalable_threshold: int = 20_000, n_micro: int = 2000,
             seed: int = 0, silhouette_sample: int = 3000, threads: int | None = None,
-            target_cluster_size: int = 25) -> ClusterResult:
+            target_cluster_size: int = 25, projection: str = "pca") -> ClusterResult:
     """Cluster the rows of ``x`` (N, H) (float32 array-like; NaN = missing, imputed) with Ward;
     ``n_clusters``: a number, ``"size"`` (round(N / target_cluster_size) in [2, max_clusters]) or
     ``"auto"`` (silhouette).
 
     ``threads`` caps BLAS/OpenMP threads of the k-means step (None: the libraries' default). On a
-    shared, oversubscribed node threaded small GEMMs were measured 8x slower than one thread."""
+    shared, oversubscribed node threaded small GEMMs were measured 8x slower than one thread.
+    ``projection``: the 2-D map (``coords``), ``"pca"`` or ``"umap"`` (umap-learn; display only, the
+    clustering does not use it)."""
     n = int(x.shape[0])
     if n < 3:
         raise ValueError(f"clustering needs at least 3 materials, got {n}")
@@ -385,13 +387,40 @@ def cluster(x: Any, n_clusters: int | str = "auto", max_clusters: int = 20, stan
         k, scores, criterion = int(n_clusters), {}, "user"
     nodes = cut_nodes(z, k)
     labels = leaf_labels(z, nodes)[leaf_of]
-    coords = _pca2(feats if feats is not None else None, x, tf, seed)
+    coords = _umap2(feats, x, tf, seed) if projection == "umap" else _pca2(feats, x, tf, seed)
     info = dict(tf.info)
+    info["map"] = projection
     if mode == "scalable":
         info.update({"micro_clusters": int(z.shape[0] + 1), "micro_method": "MiniBatchKMeans (chunked)"})
     return ClusterResult(labels=labels.astype(np.int32), linkage=z, leaf_of=leaf_of, leaf_sizes=sizes, n_clusters=int(len(np.unique(labels))),
                          mode=mode, criterion=criterion, scores=scores, coords=coords, preprocessing=info,
                          nodes=nodes)
+
+
+UMAP_FIT_MAX = 20_000  # materials the UMAP map is fitted on (a seeded sample above; the rest are transformed)
+
+
+def _umap2(feats: np.ndarray | None, x: Any, tf: FeatureTransform, seed: int) -> np.ndarray:
+    """2-D UMAP (umap-learn, 15 neighbours, min_dist 0.1, seeded) of the prepared features, for the
+    map: fitted on at most UMAP_FIT_MAX materials, the others placed with ``transform`` in chunks."""
+    try:
+        import umap
+    except ImportError:
+        raise ValueError("analyze.map_projection = umap needs the umap-learn package (pip install umap-learn)") from None
+    n = x.shape[0]
+    rows = np.arange(n) if n <= UMAP_FIT_MAX else np.sort(np.random.default_rng(seed).choice(n, UMAP_FIT_MAX, replace=False))
+    fit_on = feats[rows] if feats is not None else tf.transform(x.oindex[rows] if hasattr(x, "oindex") else np.asarray(x[rows]))
+    reducer = umap.UMAP(n_components=2, n_neighbors=min(15, max(2, len(rows) - 1)), min_dist=0.1, random_state=seed)
+    emb = reducer.fit_transform(np.asarray(fit_on, dtype=np.float32))
+    out = np.zeros((n, 2), dtype=np.float32)
+    out[rows] = emb
+    if len(rows) < n:
+        rest = np.setdiff1d(np.arange(n), rows)
+        for a in range(0, len(rest), CHUNK_ROWS):
+            r = rest[a:a + CHUNK_ROWS]
+            part = feats[r] if feats is not None else tf.transform(x.oindex[r] if hasattr(x, "oindex") else np.asarray(x[r]))
+            out[r] = reducer.transform(np.asarray(part, dtype=np.float32))
+    return out
 
 
 def _pca2(feats: np.ndarray | None, x: Any, tf: FeatureTransform, seed: int) -> np.ndarray:

@@ -66,8 +66,8 @@ def dendrogram(z: np.ndarray, k: int, title: str):
     return fig
 
 
-def embedding_map(coords: np.ndarray, labels: np.ndarray, onset: np.ndarray | None, title: str):
-    """2-D PCA map coloured by cluster (left) and by reference onset (right; grey = missing)."""
+def embedding_map(coords: np.ndarray, labels: np.ndarray, onset: np.ndarray | None, title: str, axis: str = "PC"):
+    """2-D map (PCA or UMAP) coloured by cluster (left) and by reference onset (right; grey = missing)."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
     k = int(labels.max()) + 1
     cm = _cmap(k)
@@ -75,7 +75,7 @@ def embedding_map(coords: np.ndarray, labels: np.ndarray, onset: np.ndarray | No
         m = labels == c
         axes[0].scatter(coords[m, 0], coords[m, 1], s=8, color=cm(c % cm.N), label=str(c), alpha=0.8, lw=0)
     axes[0].legend(title="cluster", fontsize=7, markerscale=2, ncol=1 if k <= 8 else (2 if k <= 20 else 3), loc="best")
-    axes[0].set_title(f"{title}: PCA map by cluster")
+    axes[0].set_title(f"{title}: 2-D map by cluster")
     ax = axes[1]
     ok = np.isfinite(onset) if onset is not None else np.zeros(len(labels), bool)
     ax.scatter(coords[~ok, 0], coords[~ok, 1], s=8, color="0.8", lw=0, label="onset missing")
@@ -88,8 +88,8 @@ def embedding_map(coords: np.ndarray, labels: np.ndarray, onset: np.ndarray | No
         ax.legend(fontsize=7, loc="best")
     ax.set_title("by reference onset")
     for a in axes:
-        a.set_xlabel("PC 1")
-        a.set_ylabel("PC 2")
+        a.set_xlabel(f"{axis} 1")
+        a.set_ylabel(f"{axis} 2")
     return fig
 
 

@@ -102,7 +102,7 @@ def subsample(labels: np.ndarray, max_points: int, seed: int, ids: Any = None) -
 def map_data(layer: str, ids: Any, formulas: Any, coords: np.ndarray, labels: np.ndarray,
              descriptors: dict[str, np.ndarray], energy: np.ndarray, reference: np.ndarray | None = None,
              predicted: np.ndarray | None = None, *, transform: str = "log10_alpha", max_points: int = MAX_POINTS,
-             seed: int = 0) -> dict[str, np.ndarray]:
+             seed: int = 0, projection: str = "pca") -> dict[str, np.ndarray]:
     """The arrays one layer's map needs (all rows aligned: the clustered materials, ``labels`` >= 0):
     the shown subsample (:func:`subsample`) of ids, formulas, coordinates, clusters, ``descriptors``
     (:func:`descriptor_columns`) and spectra on every ``step``-th energy; plus the size of every
@@ -113,7 +113,7 @@ def map_data(layer: str, ids: Any, formulas: Any, coords: np.ndarray, labels: np
     cl, sizes = np.unique(labels, return_counts=True)
     d: dict[str, np.ndarray] = {
         "layer": np.array(layer), "n_total": np.array(len(labels)), "max_points": np.array(max_points),
-        "seed": np.array(seed), "transform": np.array(transform),
+        "seed": np.array(seed), "transform": np.array(transform), "projection": np.array(projection),
         "id": np.array([str(x) for x in np.asarray(ids)[keep]], dtype=str),
         "formula": np.array([str(x) for x in np.asarray(formulas)[keep]], dtype=str),
         "xy": np.asarray(coords, dtype=np.float32)[keep],
@@ -142,7 +142,7 @@ def from_layer(lr: Any, inp: Any, formulas: np.ndarray, *, max_points: int = MAX
     return map_data(lr.name, ids, np.asarray(formulas)[m], res.coords, res.labels,
                     descriptor_columns(inp.table, np.flatnonzero(m)), inp.energy, ref, pred,
                     transform=str(inp.reader.attrs.get("transform", "log10_alpha")) if hasattr(inp.reader, "attrs") else "log10_alpha",
-                    max_points=max_points, seed=seed)
+                    max_points=max_points, seed=seed, projection=str(res.preprocessing.get("map", "pca")))
 
 
 def _file(directory: Path, layer: str) -> Path:
@@ -231,11 +231,12 @@ def _figure_html(d: dict[str, np.ndarray], div_id: str) -> str:
             customdata=np.column_stack([d["id"][r], d["formula"][r], ons]),
             hovertemplate=(f"<b>%{{customdata[0]}}</b><br>%{{customdata[1]}}<br>cluster {int(c)}"
                            "<br>onset %{customdata[2]}<extra></extra>")))
+    axis = "UMAP" if str(d.get("projection", "pca")) == "umap" else "PC"  # maps saved before the option: PCA
     fig.update_layout(height=520, margin={"l": 50, "r": 10, "t": 30, "b": 40}, template="plotly_white",
-                      xaxis_title="PC 1", yaxis_title="PC 2", hovermode="closest", clickmode="event",
+                      xaxis_title=f"{axis} 1", yaxis_title=f"{axis} 2", hovermode="closest", clickmode="event",
                       legend={"title": {"text": "cluster (size)<br>click: members"}, "itemclick": False,
                               "itemdoubleclick": "toggleothers"},
-                      title={"text": f"{d['layer']}: 2-D map (PCA)", "font": {"size": 14}})
+                      title={"text": f"{d['layer']}: 2-D map ({axis})", "font": {"size": 14}})
     return pio.to_html(fig, full_html=False, include_plotlyjs=False, div_id=div_id,
                        config={"displaylogo": False, "responsive": True})
 

@@ -90,7 +90,7 @@ def analyze_layer(cfg, inp: Inputs, name: str, x: Any, mask: np.ndarray, names: 
     res = cluster(x, n_clusters=a.n_clusters, max_clusters=a.max_clusters, standardize=a.standardize,
                   pca_components=a.pca_components, scalable_threshold=a.scalable_threshold,
                   n_micro=a.micro_clusters, seed=a.seed, threads=a.workers,
-                  target_cluster_size=a.target_cluster_size)
+                  target_cluster_size=a.target_cluster_size, projection=a.map_projection)
     labels = np.full(len(inp.ids), -1, dtype=np.int32)
     labels[mask] = res.labels
     table, ids = inp.table, inp.ids
@@ -152,7 +152,8 @@ def write_layer_figures(lr: LayerResult, energy: np.ndarray, onset: np.ndarray, 
 
     res, name = lr.clustering, lr.name
     drawn = {"dendrogram": lambda: figs.dendrogram(res.linkage, res.n_clusters, name),
-             "map": lambda: figs.embedding_map(res.coords, res.labels, onset[lr.mask], name),
+             "map": lambda: figs.embedding_map(res.coords, res.labels, onset[lr.mask], name,
+                                               "UMAP" if res.preprocessing.get("map") == "umap" else "PC"),
              "spectra": lambda: figs.cluster_spectra(energy, lr.signature, name),
              "enrichment": lambda: figs.enrichment_heatmap(lr.ranked, name),
              "elements": lambda: figs.element_maps(lr.elements, name, {c: s["size"] for c, s in lr.signature.items()})}
