@@ -76,6 +76,15 @@ LEGEND = """(() => {
   return {head: m.querySelector('h4').textContent, ids: Array.from(m.querySelectorAll('td a')).map(a => a.textContent)};
 })()"""
 
+TREE = """(() => {
+  const all = Array.from(document.querySelectorAll('.tree-node[data-layer="gcn_1"]'));
+  const sp = all.reduce((a, b) => (b.dataset.clusters.split(',').length > a.dataset.clusters.split(',').length ? b : a));
+  sp.click();
+  const m = document.querySelector('#imap-gcn_1 .imap-members');
+  return {clusters: sp.dataset.clusters, node: sp.textContent, head: m.querySelector('h4').textContent,
+          ids: Array.from(m.querySelectorAll('td a')).map(a => a.textContent)};
+})()"""
+
 SUMMARY = """(() => {
   const li = document.querySelector('#layer-gcn_1 ~ ul.summary li');
   li.click();
@@ -91,11 +100,11 @@ def test_map_click_and_hover_show_material_and_spectra(run_dir, tmp_path):
         pytest.skip("chromium not installed (scripts/setup.sh --test installs it)")
     page = run_dir / "analyze" / "report" / "index.html"
     state, errors, requests, _ = _open_in_chromium(page, tmp_path, actions=(
-        "Object.keys(window.spectrolens.maps)", CLICK, HOVER, COLOUR, LEGEND, SUMMARY))
+        "Object.keys(window.spectrolens.maps)", CLICK, HOVER, COLOUR, LEGEND, SUMMARY, TREE))
     assert not errors, errors
     assert all(u.startswith(("file:", "data:")) for u in requests), requests
     assert state["images"] == state["decoded"] == 5 * len(LAYERS) + 1  # the PNG figures stay
-    maps, click, hover, colour, legend, summary = state["actions"]
+    maps, click, hover, colour, legend, summary, tree = state["actions"]
     assert maps == LAYERS
 
     # click a point: its id, formula and both spectra appear, equal to the stores' (every step-th energy)
@@ -126,6 +135,11 @@ def test_map_click_and_hover_show_material_and_spectra(run_dir, tmp_path):
     assert f"{len(members)} materials" in legend["head"] and sorted(legend["ids"]) == sorted(members)
     # ... and from the report's cluster list of that layer
     assert summary["item"].split(":")[0] == summary["head"].split(":")[0] == "cluster 0"
+    # ... and from a node of the taxonomy tree: the materials of every cluster under it
+    cs = [int(x) for x in tree["clusters"].split(",")]
+    members = [r["id"] for r in _clusters_csv(run_dir) if int(r["gcn_1"]) in cs]
+    assert len(cs) >= 1 and tree["head"].startswith(tree["node"]) and f"{len(members)} materials" in tree["head"]
+    assert sorted(tree["ids"]) == sorted(members)
 
 
 def test_report_maps_survive_rerender_and_subsample(run_dir):

@@ -217,6 +217,22 @@ def node_members(z: np.ndarray, leaf_of: np.ndarray, leaf_sizes: np.ndarray):
     return members
 
 
+def clusters_under(z: np.ndarray, hier: dict[str, Any], nodes: list[int]) -> dict[str, list[int]]:
+    """For every child of an explained split, the default-level clusters it holds (``nodes[c]`` is
+    cluster c's tree node): those whose node lies under the child, or, for a child below the cut, the
+    one cluster that contains it. Keys are node ids as strings (JSON)."""
+    _, start, stop = leaf_order(z)
+    ns = np.asarray(nodes, dtype=np.int64)
+    out: dict[str, list[int]] = {}
+    for sp in hier.get("splits", []):
+        for ch in sp["children"]:
+            inside = np.flatnonzero((start[ns] >= start[ch]) & (stop[ns] <= stop[ch]))
+            if not inside.size:
+                inside = np.flatnonzero((start[ns] <= start[ch]) & (stop[ns] >= stop[ch]))
+            out[str(int(ch))] = [int(c) for c in inside]
+    return out
+
+
 def levels(z: np.ndarray, leaf_sizes: np.ndarray, ks: list[int], default_k: int) -> list[dict[str, Any]]:
     """``hierarchy.<layer>.levels``: for each k (sorted, unique, the default level included) the k
     cluster nodes and their sizes; cluster c of a level is the subtree of ``nodes[c]``."""

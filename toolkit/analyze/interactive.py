@@ -21,7 +21,7 @@ arrays, saved by :func:`save` as ``analyze/interactive/<layer>.npz`` so that
 :func:`toolkit.analyze.rerender_report` can render the maps again (:func:`load_all`) without the
 stores. :func:`fragments` turns the maps into HTML: one fragment per layer; the first carries
 plotly.js (inline, ~4.8 MB, once per page), the page script (``window.spectrolens``:
-``showMaterial(layer, id)``, ``showCluster(layer, c)``, ``colourBy(layer, key)``) and the spectra
+``showMaterial(layer, id)``, ``showCluster(layer, c)``, ``showClusters(layer, [c...], label)``, ``colourBy(layer, key)``) and the spectra
 of every shown material, stored once for all layers (int16-quantised, base64).
 """
 
@@ -366,6 +366,17 @@ _PAGE_JS = r"""
       SL.showMaterial(d.layer, id);
     });
     gd.on("plotly_legendclick", function (ev) { SL.showCluster(d.layer, st.traceCluster[ev.curveNumber]); return false; });
+    // the taxonomy tree of this layer: a click on a node lists the materials of the clusters it holds
+    document.querySelectorAll('.tree-node[data-layer="' + d.layer + '"]').forEach(function (sp) {
+      sp.style.cursor = "pointer";
+      sp.style.textDecoration = "underline dotted";
+      sp.addEventListener("click", function (e) {
+        e.preventDefault();
+        var cs = sp.dataset.clusters ? sp.dataset.clusters.split(",").map(Number) : [];
+        SL.showClusters(d.layer, cs, sp.textContent);
+        box.querySelector(".imap-members").scrollIntoView({block: "nearest"});
+      });
+    });
     // the report's cluster list of this layer (just above the map): a click lists the cluster's members
     var ul = box.previousElementSibling;
     while (ul && ul.tagName === "SCRIPT") ul = ul.previousElementSibling;  // the first map follows the page's scripts
@@ -426,13 +437,17 @@ _PAGE_JS = r"""
     return true;
   };
 
-  SL.showCluster = function (layer, c) {
+  SL.showCluster = function (layer, c) { return SL.showClusters(layer, [c], "cluster " + c); };
+
+  SL.showClusters = function (layer, cs, label) {
     var st = SL.maps[layer], d = st.d, box = st.box.querySelector(".imap-members");
-    var rows = [];
-    d.cluster.forEach(function (x, i) { if (x === c) rows.push(i); });
+    var rows = [], want = {};
+    cs.forEach(function (c) { want[c] = true; });
+    d.cluster.forEach(function (x, i) { if (want[x]) rows.push(i); });
     box.textContent = "";
-    var n = d.sizes[String(c)] || rows.length;
-    box.append(el("h4", "cluster " + c + ": " + n + " materials" + (rows.length < n ? " (" + rows.length + " shown on this map; all in clusters.csv)" : "")));
+    var n = cs.reduce(function (a, c) { return a + (d.sizes[String(c)] || 0); }, 0) || rows.length;
+    var what = cs.length === 1 ? label : label + " (clusters " + cs.join(", ") + ")";
+    box.append(el("h4", what + ": " + n + " materials" + (rows.length < n ? " (" + rows.length + " shown on this map; all in clusters.csv)" : "")));
     var tbl = el("table"), head = el("tr");
     ["id", "formula", "onset (eV)"].forEach(function (h) { head.append(el("th", h)); });
     tbl.append(head);

@@ -122,9 +122,19 @@ def _split_side(sp: dict[str, Any], side: int, alpha: float) -> str:
                      f"{abs(d['effect']):.2f}, q = {_fmt_q(d['q'])})" for d in ds[:3])
 
 
-def hierarchy_html(hier: dict[str, Any], max_depth: int = 8, max_splits: int = 150) -> str:
-    """The explained Ward tree as nested ``<details>`` from the top split down (no script): every
-    split shows what each child is richer in, and the splits below a child are nested under it."""
+def hierarchy_html(hier: dict[str, Any], max_depth: int = 8, max_splits: int = 150, layer: str = "") -> str:
+    """The explained Ward tree as nested ``<details>`` from the top split down: every split shows what
+    each child is richer in, and the splits below a child are nested under it. Each child carries the
+    default-level clusters it holds (``data-clusters``), so the interactive map lists its members on a
+    click (toolkit.analyze.interactive)."""
+    cc = hier.get("child_clusters") or {}
+
+    def node(c: int) -> str:
+        cl = cc.get(str(c))
+        if cl is None:
+            return f"node {c}"
+        return (f'<span class="tree-node" data-layer="{html.escape(layer)}" data-clusters="{",".join(map(str, cl))}" '
+                f'title="click: list its materials (clusters {html.escape(", ".join(map(str, cl)))})">node {c}</span>')
     splits = hier.get("splits", [])
     if not splits:
         return (f"<p>No split with both children of at least {hier.get('min_split_size')} materials "
@@ -141,7 +151,7 @@ def hierarchy_html(hier: dict[str, Any], max_depth: int = 8, max_splits: int = 1
         head = f"{sp['size']} materials → " + " | ".join(f"node {c} ({n})" for c, n in zip(sp["children"], sp["sizes"]))
         body = ["<ul>"]
         for c in sp["children"]:
-            body.append(f"<li>node {c}: {html.escape(_split_side(sp, c, alpha))}")
+            body.append(f"<li>{node(c)}: {html.escape(_split_side(sp, c, alpha))}")
             if depth < max_depth:
                 for k in under.get(c, []):
                     if shown[0] >= max_splits:
@@ -348,7 +358,7 @@ def render(attribution: dict[str, Any], figures: dict[str, dict[str, str]], out:
                      f"with both children ≥ {hier['min_split_size']} materials; Δ share / SMD and q (Benjamini-Hochberg "
                      f"over all {hier['n_tests']} split tests) of the descriptors richer on each side. Levels: "
                      f"{html.escape(lv)}.</p>")
-            s.append(f'<div class="tree">{hierarchy_html(hier)}</div>')
+            s.append(f'<div class="tree">{hierarchy_html(hier, layer=name)}</div>')
         s.append(f"<h3>clusters at k = {L['clustering']['n_clusters']}</h3>")
         s.append('<ul class="summary">' + "".join(
             f"<li>{html.escape(c['summary'])}"

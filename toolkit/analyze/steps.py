@@ -138,6 +138,7 @@ def layer_hierarchy(res: ClusterResult, sub: DescriptorTable, names: list[str], 
         for sp in hier["splits"]:
             sp["descriptors"] = condense_split(signals, sp["descriptors"], hier["alpha"])
     hier["levels"] = hy.levels(res.linkage, res.leaf_sizes, list(a.levels or []), res.n_clusters)
+    hier["child_clusters"] = hy.clusters_under(res.linkage, hier, res.nodes)
     p = hy.paths(res.linkage, hier, res.nodes)
     hier["paths"] = {str(c): p.get(nd, []) for c, nd in enumerate(res.nodes)}
     hier["seconds"] = round(time.time() - t, 3)
