@@ -446,20 +446,18 @@ def _hierarchy_note(hier: Any) -> dict[str, Any]:
     return {"scored": False, "reason": "no split membership given (too many materials, or not requested)"}
 
 
-def _separates(d: dict, vals: _Values, a: np.ndarray, b: np.ndarray, pop_sd: dict) -> bool:
-    """Whether driver ``d`` separates the two children ``a`` and ``b`` (row indices) of a split: one of
-    its indicators is carried by >= 70 % of one child and <= 30 % of the other (categorical), or the
-    children's means differ by >= 1 SD of the layer's materials (continuous)."""
-    if d["type"] == "continuous":
-        x, _ = vals.continuous(d)
-        if x is None:
+def _separates(continuous: bool, v: Any, a: np.ndarray, b: np.ndarray, sd: float) -> bool:
+    """Whether a driver separates the two children ``a`` and ``b`` (row indices) of a split: one of its
+    indicators (``v``: list of 0/1 arrays) is carried by >= 70 % of one child and <= 30 % of the other
+    (categorical), or the children's means of ``v`` (an array) differ by >= 1 SD ``sd`` of the layer's
+    materials (continuous)."""
+    if continuous:
+        if v is None:
             return False
-        xa, xb = x[a][np.isfinite(x[a])], x[b][np.isfinite(x[b])]
-        sd = pop_sd.get(id(d), 0.0)
+        xa, xb = v[a][np.isfinite(v[a])], v[b][np.isfinite(v[b])]
         return len(xa) >= MIN_CLUSTER and len(xb) >= MIN_CLUSTER and sd > 0 and \
             abs(xa.mean() - xb.mean()) >= CONT_MIN_SD * sd
-    ind, _ = vals.indicators(d)
-    for _, x in ind:
+    for x in v:
         xa, xb = x[a][np.isfinite(x[a])], x[b][np.isfinite(x[b])]
         if len(xa) < MIN_CLUSTER or len(xb) < MIN_CLUSTER:
             continue
@@ -479,6 +477,10 @@ def _hierarchy_scores(attribution: dict, split_members: dict[str, Any], drivers:
     pairs = named = 0
     chance_sum = 0.0
     dist_hits: list[bool] = []
+    # per-material values of every driver, once (not per split): an array (continuous) or 0/1 indicators
+    cont = {dn: d["type"] == "continuous" for dn, d in drivers.items()}
+    values = {dn: vals.continuous(d)[0] if cont[dn] else [x for _, x in vals.indicators(d)[0]]
+              for dn, d in drivers.items()}
     for lname, H in (attribution.get("hierarchy") or {}).items():
         members = split_members.get(lname)
         L = (attribution.get("layers") or {}).get(lname) or {}
@@ -489,12 +491,13 @@ def _hierarchy_scores(attribution: dict, split_members: dict[str, Any], drivers:
         alpha = H.get("alpha", 0.05)
         pop = np.asarray(members(max(sp["node"] for sp in H["splits"])), dtype=np.int64)
         pop_sd = {}
-        for d in drivers.values():
-            x, _ = vals.continuous(d) if d["type"] == "continuous" else (None, None)
-            if x is not None:
+        for dn, x in values.items():
+            if cont[dn] and x is not None:
                 xp = x[pop][np.isfinite(x[pop])]
-                pop_sd[id(d)] = float(xp.std()) if len(xp) > 1 else 0.0
+                pop_sd[dn] = float(xp.std()) if len(xp) > 1 else 0.0
         draws = _draws(len(groups), TOP_K, rng, CHANCE_DRAWS)
+        chance = {dn: float(np.array([_names_match(g, d["descriptors"]) for g in groups], bool)[draws].any(axis=1).mean())
+                  if draws.size else 0.0 for dn, d in drivers.items()}  # 3 random tested descriptors name it
         lp = ln = 0
         lc = 0.0
         by_driver: dict[str, list[bool]] = {}
@@ -504,16 +507,15 @@ def _hierarchy_scores(attribution: dict, split_members: dict[str, Any], drivers:
                 continue
             top = [d for d in sp["descriptors"] if d["q"] < alpha][:TOP_K]
             top_flat = [n for d in top for n in (d["descriptor"], *aliases.get(d["descriptor"], []))]
-            sep = [dn for dn, d in drivers.items() if _separates(d, vals, ca, cb, pop_sd)]
+            sep = [dn for dn in drivers if _separates(cont[dn], values[dn], ca, cb, pop_sd.get(dn, 0.0))]
             if not sep:
                 continue
             dist_hits.append(_names_match(top_flat, dist_names))
             for dn in sep:
                 ok = _names_match(top_flat, drivers[dn]["descriptors"])
-                hit = np.array([_names_match(g, drivers[dn]["descriptors"]) for g in groups], bool)
                 lp += 1
                 ln += ok
-                lc += float(hit[draws].any(axis=1).mean()) if draws.size else 0.0
+                lc += chance[dn]
                 by_driver.setdefault(dn, []).append(bool(ok))
         per_layer[lname] = {"n_pairs": lp, "recall": ln / lp if lp else None,
                             "chance_recall": lc / lp if lp else None,
