@@ -350,8 +350,7 @@ def _explain(run_dir: Path) -> dict | None:
 def rerender_report(run_dir: Path) -> Path | None:
     """Render ``analyze/report/index.html`` again from attribution.json, the saved figures and the explain
     stage's results (called when explain finishes after analyze); None when analyze has not run."""
-    import base64
-
+    from toolkit.analyze.figures import png_data_uri
     from toolkit.analyze.report import render
 
     layout = RunLayout(run_dir)
@@ -362,7 +361,7 @@ def rerender_report(run_dir: Path) -> Path | None:
 
     def uri(name: str) -> str | None:
         p = figdir / f"{name}.png"
-        return "data:image/png;base64," + base64.b64encode(p.read_bytes()).decode() if p.is_file() else None
+        return png_data_uri(p.read_bytes()) if p.is_file() else None
 
     figures = {n: {k: u for k in FIGURES if (u := uri(f"{n}_{k}"))} for n in result["layers"]}
     if (u := uri("layer_comparison")) is not None:

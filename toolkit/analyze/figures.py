@@ -35,6 +35,11 @@ def _cmap(k: int):
     return plt.get_cmap("tab20" if k > 10 else "tab10")
 
 
+def png_data_uri(png: bytes) -> str:
+    """A PNG as a ``data:`` URI (the report embeds every figure this way)."""
+    return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
 def save(fig, figdir: Path, name: str) -> dict[str, str]:
     """Write ``name``.png and ``name``.svg into ``figdir``; return paths and a PNG data URI."""
     figdir.mkdir(parents=True, exist_ok=True)
@@ -45,7 +50,7 @@ def save(fig, figdir: Path, name: str) -> dict[str, str]:
     fig.savefig(figdir / f"{name}.svg", format="svg", bbox_inches="tight")
     plt.close(fig)
     return {"png": str(figdir / f"{name}.png"), "svg": str(figdir / f"{name}.svg"),
-            "data_uri": "data:image/png;base64," + base64.b64encode(png).decode()}
+            "data_uri": png_data_uri(png)}
 
 
 def _note(ax, text: str) -> None:

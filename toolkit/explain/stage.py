@@ -577,12 +577,6 @@ def after_finalize(cfg: Any, run_dir: Path, summary: dict) -> None:
         log.info("report updated with the counterfactual probes: %s", path)
 
 
-def _data_uri(path: Path) -> str:
-    import base64
-
-    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
-
-
 def _join_csv(run_dir: Path, n_shards: int, kind: str) -> str:
     parts = [op.shard_file(run_dir, s, kind).read_text().splitlines(keepends=True) for s in range(n_shards)]
     return "".join(parts[0][:1] + [line for p in parts for line in p[1:]]) if parts else ""
@@ -600,6 +594,8 @@ def run(cfg: Any, run_dir: Path) -> dict:
 def explain_summary_for_report(run_dir: Path, top: int = 15) -> dict:
     """Tables ready to render (lists of flat dicts with a ``columns`` order) from a finished explain stage;
     ``{"available": False, "reason": ...}`` when the stage has not completed."""
+    from toolkit.analyze.figures import png_data_uri
+
     run_dir = Path(run_dir)
     if not op.is_complete(run_dir):
         return {"available": False, "reason": f"{op.summary_path(run_dir)} missing or incomplete"}
@@ -635,7 +631,7 @@ def explain_summary_for_report(run_dir: Path, top: int = 15) -> dict:
                                        for c, v in (attr.get("by_cluster") or {}).items() if c != "-1"][:4 * top],
                                       ["cluster", "n", "top element", "top bond", "top angle"]),
         "attribution_quality": summary["attribution"],
-        "maps": [{**mp, "data_uri": _data_uri(op.explain_dir(run_dir) / mp["file"])}
+        "maps": [{**mp, "data_uri": png_data_uri((op.explain_dir(run_dir) / mp["file"]).read_bytes())}
                  for mp in summary.get("maps", []) if (op.explain_dir(run_dir) / mp["file"]).is_file()],
         "representatives": [{"id": r["id"], "formula": r["formula"], "cluster": r["cluster"],
                              "top_atoms": sorted(r["atoms"], key=lambda a: -abs(a["attribution"]))[:5],
