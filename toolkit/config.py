@@ -241,6 +241,23 @@ class AnalyzeConfig(_Section):
     interactive_max_points: int = Field(20_000, ge=100, description="the report's interactive map of a layer shows "
                                         "every material up to this many, above it a seeded random subsample per cluster "
                                         "(the data are not subsampled; toolkit.analyze.interactive)")
+    # --- issue 20: analyze on Dask (toolkit/analyze/engine.py, docs/dask.md) ---
+    engine: Literal["local", "dask"] = Field(
+        "local", description="local: one process (descriptors in `workers` processes); dask: descriptor blocks, "
+        "feature statistics and the micro-cluster assignment pass run as Dask tasks over the Zarr chunks "
+        "(needs `pip install spectrolens[dask]`)")
+    dask_cluster: Literal["auto", "local", "slurm"] = Field(
+        "auto", description="engine=dask: where the Dask workers run: a LocalCluster on this machine, or SLURM jobs "
+        "(dask-jobqueue SLURMCluster with executor.analyze's partition/account/time/cpus/memory); auto: slurm when "
+        "executor.kind is slurm")
+    dask_workers: int = Field(2, ge=1, description="engine=dask: worker processes (slurm: one SLURM job each)")
+    dask_threads_per_worker: int = Field(1, ge=1, description="engine=dask: threads per worker process")
+    dask_scheduler: str | None = Field(None, description="engine=dask: address of a running Dask scheduler "
+                                       "(tcp://host:8786) to use instead of starting a cluster")
+    chunk_rows: int = Field(16384, ge=32, description="materials per chunk of the chunked passes over features "
+                            "(feature statistics, micro-cluster assignment; both engines) and per descriptor-store "
+                            "chunk; engine=dask: one task per chunk, which bounds each worker's memory")
+    # --- end issue 20 ---
     chemiscope: bool | Literal["auto"] = Field(
         "auto", description="write analyze/chemiscope.json.gz (structures, 2-D map of each layer, clusters, "
         "descriptors, onsets) for chemiscope: true (needs `pip install chemiscope`), false, or auto: when the "

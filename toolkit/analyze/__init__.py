@@ -177,7 +177,9 @@ def load_inputs(cfg, run_dir: Path) -> Inputs:
 def run(cfg, run_dir: Path) -> dict[str, Any]:
     """The analyze stage (one process; cfg.analyze.workers processes for descriptors). Logs to
     ``RUN_DIR/logs/analyze/job.log`` (local CLI and SLURM job alike)."""
-    with task_log(run_dir, "analyze", "job"):
+    from toolkit.analyze.engine import engine  # issue 20: analyze.engine local | dask (docs/dask.md)
+
+    with task_log(run_dir, "analyze", "job"), engine(cfg, run_dir):
         return analyze_inputs(cfg, load_inputs(cfg, run_dir))
 
 

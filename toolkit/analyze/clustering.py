@@ -9,7 +9,10 @@ Two modes, one interface (:func:`cluster`):
   MiniBatchKMeans.partial_fit`` on float32 chunks) into ``micro_clusters`` micro-clusters, exact
   centroids and sizes from a second chunked pass, then Ward on the *weighted* centroids
   (:func:`weighted_ward`). Memory is O(chunk * micro_clusters + N) besides the input, which may be
-  any array-like supporting row slicing (numpy, numpy.memmap, zarr.Array).
+  any array-like supporting row slicing (numpy, numpy.memmap, zarr.Array). The per-chunk passes
+  (feature statistics, micro-cluster assignment) go through :func:`map_chunks`: in this process, or
+  as Dask tasks under ``analyze.engine = dask`` (:mod:`toolkit.analyze.engine`), reduced in chunk
+  order either way; the mini-batch fit is sequential by nature and stays in the calling process.
 
 Weighted Ward: for clusters A, B with sizes n and centroids c, Ward's merge distance (scipy's
 convention) is ``d(A, B) = sqrt(2 nA nB / (nA + nB)) * ||cA - cB||``; merging keeps the size-weighted
@@ -33,7 +36,11 @@ Ward tree that :mod:`toolkit.analyze.hierarchy` explains.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -80,8 +87,9 @@ def _chunks(n: int, size: int = CHUNK_ROWS):
         yield s, min(n, s + size)
 
 
-def column_stats(x: Any, chunk: int = CHUNK_ROWS) -> tuple[np.ndarray, np.ndarray, int]:
-    """NaN-aware column mean and standard deviation (float64) of an (N, H) array-like, in chunks.
+def column_stats(x: Any, chunk: int | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+    """NaN-aware column mean and standard deviation (float64) of an (N, H) array-like, in chunks
+    (per-chunk sums through :func:`map_chunks`, added in chunk order: the same figures on every engine).
 
     Returns (mean, std, number of non-finite entries). Columns without any finite value get mean 0."""
     n, h = x.shape
@@ -89,17 +97,55 @@ def column_stats(x: Any, chunk: int = CHUNK_ROWS) -> tuple[np.ndarray, np.ndarra
     s2 = np.zeros(h)
     cnt = np.zeros(h)
     bad = 0
-    for a, b in _chunks(n, chunk):
-        blk = np.asarray(x[a:b], dtype=np.float64)
-        fin = np.isfinite(blk)
-        bad += int(blk.size - fin.sum())
-        blk = np.where(fin, blk, 0.0)
-        s += blk.sum(0)
-        s2 += (blk * blk).sum(0)
-        cnt += fin.sum(0)
+    for cs, cs2, ccnt, cbad in map_chunks(_chunk_sums, x, list(_chunks(n, chunk or chunk_rows()))):
+        s += cs
+        s2 += cs2
+        cnt += ccnt
+        bad += cbad
     mean = np.divide(s, cnt, out=np.zeros(h), where=cnt > 0)
     var = np.divide(s2, cnt, out=np.zeros(h), where=cnt > 0) - mean ** 2
     return mean, np.sqrt(np.clip(var, 0.0, None)), bad
+
+
+def _chunk_sums(x: Any, a: int, b: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Column sums, sums of squares and finite counts of rows a:b (NaN/inf skipped), and the non-finite count."""
+    blk = np.asarray(x[a:b], dtype=np.float64)
+    fin = np.isfinite(blk)
+    blk = np.where(fin, blk, 0.0)
+    return blk.sum(0), (blk * blk).sum(0), fin.sum(0).astype(np.float64), int(blk.size - fin.sum())
+
+
+# ---------------------------------------------------------------- chunk map (engine hook, issue 20)
+_CHUNK_MAP: ContextVar[Callable | None] = ContextVar("spectrolens_chunk_map", default=None)
+_CHUNK_ROWS: ContextVar[int | None] = ContextVar("spectrolens_chunk_rows", default=None)
+
+
+def chunk_rows() -> int:
+    """Rows per chunk of the chunked passes: ``analyze.chunk_rows`` inside :func:`use_chunk_map`, else CHUNK_ROWS."""
+    return _CHUNK_ROWS.get() or CHUNK_ROWS
+
+
+def map_chunks(fn: Callable, x: Any, ranges: list[tuple[int, int]]) -> Iterator[Any]:
+    """``fn(x, a, b)`` for each row range, results in range order. Sequential in this process unless an
+    engine installed a mapper with :func:`use_chunk_map` (``toolkit.analyze.engine``: Dask tasks over
+    the chunks of a Zarr array). The caller reduces the results in order, so every engine gives the
+    same numbers."""
+    m = _CHUNK_MAP.get()
+    if m is None:
+        return (fn(x, a, b) for a, b in ranges)
+    return m(fn, x, ranges)
+
+
+@contextmanager
+def use_chunk_map(mapper: Callable | None, rows: int | None = None):
+    """Route :func:`map_chunks` through ``mapper(fn, x, ranges) -> iterator`` (None: in turn, here) and
+    use chunks of ``rows`` rows (None: CHUNK_ROWS) inside the block."""
+    token, token_rows = _CHUNK_MAP.set(mapper), _CHUNK_ROWS.set(rows)
+    try:
+        yield
+    finally:
+        _CHUNK_MAP.reset(token)
+        _CHUNK_ROWS.reset(token_rows)
 
 
 class FeatureTransform:
@@ -239,7 +285,7 @@ def micro_clusters(x: Any, transform: FeatureTransform, n_micro: int, seed: int 
     from sklearn.cluster import MiniBatchKMeans
 
     n = x.shape[0]
-    chunk = chunk or max(CHUNK_ROWS, 4 * n_micro)
+    chunk = chunk or max(chunk_rows(), 4 * n_micro)
     km = MiniBatchKMeans(n_clusters=n_micro, random_state=seed, batch_size=min(chunk, 4096), n_init=1,
                          reassignment_ratio=0.0)
     rng = np.random.default_rng(seed)
@@ -254,16 +300,24 @@ def micro_clusters(x: Any, transform: FeatureTransform, n_micro: int, seed: int 
     sums = np.zeros((n_micro, d))
     counts = np.zeros(n_micro, dtype=np.int64)
     leaf = np.empty(n, dtype=np.int32)
-    for a, b in _chunks(n, chunk):
-        blk = transform.transform(x[a:b])
-        lab = km.predict(blk)
+    ranges = list(_chunks(n, chunk))
+    assign = partial(_assign_chunk, transform=transform, km=km, n_micro=n_micro)
+    for (a, b), (lab, cnt, sm) in zip(ranges, map_chunks(assign, x, ranges)):
         leaf[a:b] = lab
-        np.add.at(counts, lab, 1)
-        sums += _group_sum(lab, blk, n_micro)
+        counts += cnt
+        sums += sm
     keep = counts > 0
     renum = np.full(n_micro, -1, dtype=np.int32)
     renum[keep] = np.arange(int(keep.sum()), dtype=np.int32)
     return sums[keep] / counts[keep, None], counts[keep], renum[leaf]
+
+
+def _assign_chunk(x: Any, a: int, b: int, transform: FeatureTransform, km: Any, n_micro: int
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Micro-cluster of rows a:b, members per micro-cluster and their (n_micro, D) float64 row sums."""
+    blk = transform.transform(x[a:b])
+    lab = km.predict(blk).astype(np.int32)
+    return lab, np.bincount(lab, minlength=n_micro).astype(np.int64), _group_sum(lab, blk, n_micro)
 
 
 def _group_sum(lab: np.ndarray, blk: np.ndarray, k: int) -> np.ndarray:

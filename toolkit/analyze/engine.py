@@ -1,0 +1,212 @@
+"""Where analyze's chunked work runs (issue 20): ``analyze.engine = local | dask``.
+
+``local`` (default): everything in the analyze process, descriptors in ``analyze.workers`` spawned
+processes (today's path). ``dask``: the same steps, with the chunk-parallel parts run as Dask tasks:
+
+* structural descriptors: one task per group of cache blocks (:func:`toolkit.analyze.dask_steps.
+  descriptors`), writing the same per-block cache as the local path (restartable per block) and the
+  chunked float32 store ``analyze/descriptors.zarr``;
+* feature statistics (:func:`toolkit.analyze.clustering.column_stats`) and the micro-cluster
+  assignment pass (:func:`toolkit.analyze.clustering.micro_clusters`): one task per chunk of a Zarr
+  feature array, routed through the :func:`toolkit.analyze.clustering.map_chunks` hook by
+  :class:`DaskChunkMap`. Results are reduced in chunk order in the driver, so both engines give the
+  same numbers (and the same clusters) for the same data.
+
+Where the Dask workers run (``analyze.dask_cluster``; ``auto`` follows ``executor.kind``):
+
+* ``local``: a ``distributed.LocalCluster`` of ``analyze.dask_workers`` processes with
+  ``analyze.dask_threads_per_worker`` threads each;
+* ``slurm``: a ``dask_jobqueue.SLURMCluster``, one SLURM job per worker, with the analyze stage's
+  resources (``executor.analyze``: partition, account, qos, constraint, time_min, cpus_per_task,
+  mem_gb, additional sbatch parameters), logs in ``RUN_DIR/logs/analyze/dask/``;
+* ``analyze.dask_scheduler``: an address of a running scheduler (any deployment) instead.
+
+The stage's code imports nothing from the launcher (``toolkit.hpc``): the resources are read from
+the config schema (:class:`toolkit.config.StageResources`).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from toolkit.errors import SpectrolensError
+from toolkit.layout import RunLayout
+
+log = logging.getLogger(__name__)
+
+WORKER_START_TIMEOUT = 600  # seconds to wait for the first Dask worker (SLURM: queueing time included)
+
+
+class EngineError(SpectrolensError, RuntimeError):
+    """The Dask engine cannot start (missing package, no worker, bad scheduler address)."""
+
+
+def cluster_kind(cfg) -> str:
+    """``"local"`` or ``"slurm"``: where the Dask workers of ``cfg`` run."""
+    kind = cfg.analyze.dask_cluster
+    if kind == "auto":
+        return "slurm" if cfg.executor.kind == "slurm" else "local"
+    return kind
+
+
+def _walltime(minutes: int) -> str:
+    return f"{minutes // 60:02d}:{minutes % 60:02d}:00"
+
+
+def slurm_cluster_kwargs(cfg, run_dir: Path) -> dict[str, Any]:
+    """Keyword arguments of ``dask_jobqueue.SLURMCluster`` for the analyze stage's resources
+    (``executor.analyze``): one worker process per job with ``cpus_per_task`` threads."""
+    res = cfg.executor.analyze
+    cores = int(res.cpus_per_task)
+    extra = [f"--{k.replace('_', '-')}={v}" for k, v in (("qos", res.qos), ("constraint", res.constraint)) if v]
+    extra += [f"--{str(k).replace('_', '-')}={v}" for k, v in res.additional.items()]
+    logs = RunLayout(run_dir).logs("analyze") / "dask"
+    kw: dict[str, Any] = {
+        "cores": cores, "processes": 1, "walltime": _walltime(int(res.time_min)),
+        # SLURMCluster needs a memory figure for the worker's limit; without mem_gb SLURM's default applies
+        # to the job (no --mem line) and the worker is told 4 GB per core
+        "memory": f"{res.mem_gb:g}GB" if res.mem_gb else f"{4 * cores}GB",
+        "queue": res.partition, "account": res.account, "job_extra_directives": extra,
+        "log_directory": str(logs), "python": sys.executable, "local_directory": str(logs / "scratch"),
+        "job_name": "spectrolens-analyze-dask",
+        "job_script_prologue": [f"export {k}={v}" for k, v in _worker_env().items()],
+        "worker_extra_args": ["--nthreads", str(cfg.analyze.dask_threads_per_worker)]
+        if cfg.analyze.dask_threads_per_worker != cores else [],
+    }
+    if not res.mem_gb:
+        kw["job_directives_skip"] = ["--mem"]
+    return kw
+
+
+def _worker_env() -> dict[str, str]:
+    from toolkit.runtime import MALLOC_ENV
+
+    return {**MALLOC_ENV, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+@contextmanager
+def dask_client(cfg, run_dir: Path) -> Iterator[Any]:
+    """A ``distributed.Client`` on the cluster ``cfg`` asks for (closed, with its cluster, on exit)."""
+    try:
+        from distributed import Client, LocalCluster
+    except ImportError:
+        raise EngineError("analyze.engine = dask needs the dask and distributed packages: "
+                          "pip install 'spectrolens[dask]' (or set analyze.engine=local)") from None
+    a = cfg.analyze
+    run_dir = Path(run_dir)
+    if a.dask_scheduler:
+        try:
+            client = Client(a.dask_scheduler, timeout="30s")
+        except OSError as e:
+            raise EngineError(f"analyze.dask_scheduler {a.dask_scheduler!r}: cannot connect ({e})") from e
+        try:
+            yield client
+        finally:
+            client.close()
+        return
+    kind = cluster_kind(cfg)
+    if kind == "local":
+        cluster = LocalCluster(n_workers=a.dask_workers, threads_per_worker=a.dask_threads_per_worker,
+                               processes=True, dashboard_address=":0", env=_worker_env(),
+                               local_directory=str(RunLayout(run_dir).logs("analyze") / "dask"))
+    else:
+        try:
+            from dask_jobqueue import SLURMCluster
+        except ImportError:
+            raise EngineError("analyze.dask_cluster = slurm needs dask-jobqueue: pip install 'spectrolens[dask]'") from None
+        kw = slurm_cluster_kwargs(cfg, run_dir)
+        Path(kw["log_directory"]).mkdir(parents=True, exist_ok=True)
+        cluster = SLURMCluster(**kw)
+        log.info("analyze: Dask workers as SLURM jobs:\n%s", cluster.job_script())
+        cluster.scale(jobs=a.dask_workers)
+    client = Client(cluster)
+    try:
+        try:
+            client.wait_for_workers(1, timeout=WORKER_START_TIMEOUT)
+        except TimeoutError as e:
+            raise EngineError(f"analyze: no Dask worker started within {WORKER_START_TIMEOUT} s ({kind} cluster); "
+                              f"see {RunLayout(run_dir).logs('analyze') / 'dask'}") from e
+        log.info("analyze: Dask engine on a %s cluster, %d workers, scheduler %s", kind,
+                 len(client.scheduler_info()["workers"]), client.scheduler.address)
+        yield client
+    finally:
+        client.close()
+        cluster.close()
+
+
+def _call(fn: Callable, x: Any, a: int, b: int) -> Any:
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1):
+        return fn(x, a, b)
+
+
+def shippable(x: Any) -> bool:
+    """Whether ``x`` is read by the workers themselves (a Zarr array on a shared file system): other
+    array-likes (numpy in the driver's memory) are processed in the driver, not copied to workers."""
+    import zarr
+
+    return isinstance(x, zarr.Array)
+
+
+class DaskChunkMap:
+    """A mapper for :func:`toolkit.analyze.clustering.use_chunk_map`: one Dask task per row range of a
+    Zarr array, at most ``window`` in flight, results yielded in range order (released as read, so the
+    results waiting in worker memory are bounded by the window)."""
+
+    def __init__(self, client: Any, window: int | None = None):
+        self.client = client
+        n = max(1, len(client.scheduler_info()["workers"]))
+        self.window = window or 2 * n + 2
+        self.tasks = 0
+
+    def __call__(self, fn: Callable, x: Any, ranges: list[tuple[int, int]]) -> Iterator[Any]:
+        if not shippable(x) or len(ranges) < 2:
+            yield from (fn(x, a, b) for a, b in ranges)
+            return
+        fn_f, x_f = self.client.scatter([fn, x], broadcast=True, hash=False)
+        pending: deque = deque()
+        it = iter(ranges)
+        try:
+            for a, b in it:
+                pending.append(self.client.submit(_call, fn_f, x_f, a, b, pure=False))
+                self.tasks += 1
+                if len(pending) >= self.window:
+                    f = pending.popleft()
+                    yield f.result()
+                    f.release()
+            while pending:
+                f = pending.popleft()
+                yield f.result()
+                f.release()
+        finally:
+            for f in pending:
+                f.cancel()
+
+
+@contextmanager
+def engine(cfg, run_dir: Path) -> Iterator[Any]:
+    """The analyze engine of ``cfg`` (``local``: chunks of ``analyze.chunk_rows`` rows, in this process;
+    yields None). For ``dask``: start the client, compute the descriptors as Dask
+    tasks (:func:`toolkit.analyze.dask_steps.descriptors`) and route every chunked pass of the
+    clustering through Dask while the block runs; yields the client (None for ``local``)."""
+    from toolkit.analyze.clustering import use_chunk_map
+
+    if cfg.analyze.engine != "dask":
+        with use_chunk_map(None, cfg.analyze.chunk_rows):
+            yield None
+        return
+    from toolkit.analyze import dask_steps
+
+    with dask_client(cfg, run_dir) as client:
+        dask_steps.descriptors(client, cfg, run_dir)
+        mapper = DaskChunkMap(client)
+        with use_chunk_map(mapper, cfg.analyze.chunk_rows):
+            yield client
+        log.info("analyze: %d chunk tasks ran on Dask", mapper.tasks)
