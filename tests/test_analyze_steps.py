@@ -114,7 +114,8 @@ LAYER_KEYS = {"clustering", "linkage_file", "coverage", "n_tests", "tested", "al
               "ami_predicted", "surrogate", "clusters"}
 # "hierarchy" and "drivers" were added with the explained Ward tree and the driver ranking (deliberate)
 TOP_KEYS = {"format", "version", "run_dir", "generated", "n_materials", "config", "energy_subsample", "descriptors",
-            "layers", "global_importance", "layer_comparison", "probes", "benchmark_recovery", "hierarchy", "drivers"}
+            "layers", "global_importance", "layer_comparison", "probes", "benchmark_recovery", "hierarchy", "drivers",
+            "target"}
 
 
 def test_assemble_attribution_keys_and_ami(layers):
@@ -122,6 +123,7 @@ def test_assemble_attribution_keys_and_ami(layers):
     truth = {"features": {"onset": {"drivers": ["anion:*", "cn_mean"]}}}
     res = steps.assemble_attribution(layers.cfg, inp, [blobs, ref], layers.names, layers.aliases, truth=truth)
     assert set(res) == TOP_KEYS and res["format"] == "spectrolens-attribution" and res["n_materials"] == N
+    assert res["target"]["kind"] == "absorption" and res["target"]["headline"] == {"name": "onset", "units": "eV"}
     assert list(res["layers"]) == ["blobs", steps.REFERENCE] and list(res["probes"]) == ["blobs", steps.REFERENCE]
     assert res["energy_subsample"] == {"start": 0.0, "step": pytest.approx(5.0), "every": 10, "n": 4}
     d = res["descriptors"]

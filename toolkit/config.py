@@ -57,6 +57,48 @@ class BenchmarkConfig(_Section):
     n_materials: int = Field(600, ge=10)
     seed: int = 0
     noise: float = Field(0.05, ge=0.0, description="std of additive noise on log10(alpha)")
+    temperatures: list[float] = Field(default_factory=list, description="temperature-dependent benchmark (K): every "
+                                      "structure is a record at each of these temperatures, its onset shifted by a "
+                                      "Varshni law with a structure-dependent coefficient (docs/benchmark.md); the "
+                                      "condition 'temperature' is then a model input. Empty: no conditions")
+
+    @field_validator("temperatures")
+    @classmethod
+    def _temps(cls, v: list[float]) -> list[float]:
+        if any(not math.isfinite(t) or t < 0 for t in v) or len(set(v)) != len(v):
+            raise ValueError(f"temperatures must be distinct finite values >= 0 K, got {v}")
+        return v
+
+
+class TargetConfig(_Section):
+    """What the dataset's values are (toolkit.data.targets, docs/targets.md): the absorption spectrum of
+    the study (default), another spectrum on data.grid, or named scalars; and the per-record
+    conditions fed to the model."""
+
+    kind: Literal["absorption", "dielectric", "xas", "dos", "phonon_dos", "scalar"] = Field(
+        "absorption", description="absorption: log10 alpha on data.grid; dielectric: eps2 (or eps1 and eps2 as two "
+        "heads, names [epsilon_1, epsilon_2]); xas, dos, phonon_dos: one spectrum on data.grid; scalar: one value per "
+        "name")
+    names: list[str] | None = Field(None, description="head names (scalar: one per value of a row, in order, e.g. "
+                                    "[band_gap]; dielectric: [epsilon_2] or [epsilon_1, epsilon_2]); default per kind")
+    units: str | None = Field(None, description="units of the values (recorded and shown); default per kind")
+    onset_fraction: float = Field(0.1, gt=0, lt=1, description="dielectric/xas: onset = first crossing of this "
+                                  "fraction of the spectrum's maximum")
+    conditions: list[str] = Field(default_factory=list, description="per-record condition fields (e.g. "
+                                  "[temperature, pressure]) read from each record and fed to the model")
+
+    @model_validator(mode="after")
+    def _names(self) -> "TargetConfig":
+        if self.names is not None:
+            if not self.names or len(set(self.names)) != len(self.names):
+                raise ValueError(f"target.names must be distinct and non-empty, got {self.names}")
+            if self.kind == "dielectric" and not set(self.names) <= {"epsilon_1", "epsilon_2"}:
+                raise ValueError(f"dielectric heads are epsilon_1 and/or epsilon_2, got {self.names}")
+            if self.kind not in ("scalar", "dielectric") and len(self.names) != 1:
+                raise ValueError(f"target.kind={self.kind} has one head, got names {self.names}")
+        if len(set(self.conditions)) != len(self.conditions):
+            raise ValueError(f"target.conditions must be distinct, got {self.conditions}")
+        return self
 
 
 class RealBenchConfig(_Section):
@@ -76,8 +118,11 @@ class DataConfig(_Section):
     path: Path | None = Field(None, description="file or folder of the source (not used by 'benchmark', 'realbench')")
     id_prop: str = Field("id_prop.csv", description="ALIGNN folders: name of the target table")
     grid: GridConfig = GridConfig()
-    transform: Literal["log10_alpha", "alpha"] = "log10_alpha"
-    log_floor: float = Field(2.0, description="floor of log10(alpha / cm^-1), as in the study")
+    target: TargetConfig = TargetConfig()
+    transform: Literal["log10_alpha", "alpha", "none", "log10", "unit_area"] = Field(
+        "log10_alpha", description="absorption: log10_alpha (floored) or alpha; other targets: none (default), log10 "
+        "(floored at log_floor) or unit_area (each head normalised to unit area)")
+    log_floor: float = Field(2.0, description="floor of log10(alpha / cm^-1), as in the study (log10 transform: the floor)")
     onset_threshold: float = Field(4.0, description="onset = first crossing of this log10(alpha) value")
     min_distance: float = Field(0.5, gt=0, description="reject structures with atoms closer than this (Å)")
     strict: bool = Field(False, description="any rejected record makes prepare exit non-zero")
@@ -97,6 +142,24 @@ class DataConfig(_Section):
         if not math.isfinite(v):
             raise ValueError(f"must be a finite number, got {v}")
         return v
+
+    @model_validator(mode="after")
+    def _target(self) -> "DataConfig":
+        """Transforms by target kind; the temperature benchmark makes temperature a condition."""
+        from toolkit.data.targets import TRANSFORMS
+
+        kind = self.target.kind
+        if kind != "absorption" and "transform" not in self.model_fields_set and self.transform == "log10_alpha":
+            object.__setattr__(self, "transform", "none")
+        if self.transform not in TRANSFORMS[kind]:
+            raise ValueError(f"data.transform={self.transform!r} does not apply to target.kind={kind!r} "
+                             f"(choose from {list(TRANSFORMS[kind])})")
+        if self.source == "benchmark" and self.benchmark.temperatures and "temperature" not in self.target.conditions:
+            object.__setattr__(self.target, "conditions", [*self.target.conditions, "temperature"])
+        if self.source in ("benchmark", "realbench") and kind != "absorption":
+            raise ValueError(f"data.source={self.source!r} generates absorption spectra; target.kind={kind!r} needs "
+                             f"a source with that data (alignn, jsonl, vasp, jarvis)")
+        return self
 
     @model_validator(mode="after")
     def _path_required(self) -> "DataConfig":
@@ -134,6 +197,11 @@ class ModelConfig(_Section):
                               description="upper end of the bond-length RBF expansion (Å; upstream: 8). Not the "
                               "neighbour search radius (graph.cutoff); 'model.cutoff' is read as this")
     link: Literal["identity", "log", "logit"] = Field("identity", description="applied to fc output")
+    conditions: list[str] = Field(default_factory=list, description="condition inputs (state vector, as MEGNet's "
+                                  "state attributes); default: the dataset's data.target.conditions, set by train")
+    condition_features: int = Field(32, ge=1, description="width of the condition embedding")
+    condition_every_layer: bool = Field(False, description="also add the condition embedding to the atom features "
+                                        "before every layer (otherwise: only at the readout)")
 
 
 class TrainConfig(_Section):
@@ -322,6 +390,10 @@ class PredictConfig(_Section):
     plot_single_max: int = Field(24, ge=0, description="up to this many materials: one figure each; more: pages")
     compare_experiment: Path | None = Field(None, description="refractiveindex.info database folder: compare "
                                             "with measured spectra by reduced formula")
+    conditions: dict[str, float | list[float]] = Field(
+        default_factory=dict, description="models with condition inputs (model.conditions): a value or a sweep per "
+        "condition, e.g. {temperature: [0, 300, 600]}; every structure is predicted at every combination (ids get "
+        "'@temperature=300'). Empty: each record's own condition fields (JSONL)")
 
 
 class StageResources(_Section):

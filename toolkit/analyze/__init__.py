@@ -85,9 +85,33 @@ def descriptors_for(cfg, run_dir: Path, reader, rows: np.ndarray, predicted: np.
     h = _dataset_hash(reader)
     coord = a.coordination if a.coordination != "auto" else (
         "crystalnn" if len(reader) <= a.crystalnn_max_materials else "cutoff")
-    recs, computed = structural_descriptors(structure_arrays(reader), RunLayout(run_dir).analyze_dir / "descriptor_cache" / f"{h}-{coord}",
-                                            workers=a.workers, coordination=coord)
-    table = build_table([recs[i] for i in rows])
+    if a.engine == "dask":  # issue 20: Dask tasks filled the cache (toolkit.analyze.engine); stream it block by block
+        from toolkit.analyze.dask_steps import structural_table
+
+        table, computed = structural_table(cfg, run_dir, reader, rows), 0
+    else:
+        arrays = structure_arrays(reader)
+        first, of = _one_per_structure(reader)  # records of one structure at several conditions share descriptors
+        if first is not None:
+            arrays = arrays.subset(first)
+        tag = f"{h}-{coord}" + ("-per-structure" if first is not None else "")
+        recs, computed = structural_descriptors(arrays, RunLayout(run_dir).analyze_dir / "descriptor_cache" / tag,
+                                                workers=a.workers, coordination=coord)
+        if first is not None:
+            ids = [str(x) for x in reader.ids]
+            recs = [{**recs[of[i]], "id": ids[i]} for i in range(len(ids))]
+        table = build_table([recs[i] for i in rows])
+    from toolkit.data.targets import spec_of
+
+    spec = spec_of(reader)
+    if spec.kind != "absorption":  # features of other targets (toolkit.data.targets), reference and predicted
+        has = reader.has_spectrum[rows]
+        ref = np.full((len(rows), spec.n_outputs), np.nan)
+        if has.any():
+            ref[has] = reader.column("spectrum", rows[has])
+        table = add_spectral(table, reader.energy, ref, spec=spec)
+        table = add_spectral(table, reader.energy, predicted, prefix="pred:", spec=spec)
+        return table, {"dataset_hash": h, "coordination": coord, "blocks_computed": computed}
     # reference spectral descriptors: as stored by prepare (same function, toolkit.data.spectra)
     stored = {"onset": reader.column("descriptors/onset", rows), "edge_integral": reader.column("descriptors/edge_integral", rows)}
     peaks = reader.column("descriptors/peaks", rows)
@@ -105,6 +129,22 @@ def descriptors_for(cfg, run_dir: Path, reader, rows: np.ndarray, predicted: np.
                          transform=attrs.get("transform", "log10_alpha"),
                          log_floor=float(attrs.get("log_floor", cfg.data.log_floor)))
     return table, {"dataset_hash": h, "coordination": coord, "blocks_computed": computed}
+
+
+def _one_per_structure(reader) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """For a dataset with conditions (several records per structure, ``group/structure_id``): the first
+    row of each structure and, per row, the position of its structure among those; (None, None) otherwise."""
+    if not reader.condition_names:
+        return None, None
+    try:
+        keys = np.array([str(x) for x in reader.column("group/structure_id")])
+    except Exception:  # noqa: BLE001 - no structure keys: every record is its own structure
+        return None, None
+    _, first, inv = np.unique(keys, return_index=True, return_inverse=True)
+    order = np.argsort(first)  # structures in dataset order
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    return first[order], rank[inv]
 
 
 def _layers(cfg, emb, any_spectrum: bool = True) -> list[str]:
@@ -234,6 +274,9 @@ def analyze_inputs(cfg, inp: Inputs) -> dict[str, Any]:
     result = assemble_attribution(cfg, inp, results, names, aliases, truth=inp.reader.attrs.get("benchmark_truth"),
                                   drivers=drivers)
     result["novelty"] = _novelty(cfg, inp, formulas, out)
+    cond = _conditions(inp, results)
+    if cond is not None:
+        result["conditions"] = cond
     figures["_global"] = write_comparison_figure(result["layer_comparison"]["ami_vs_reference"], result["probes"], figdir)
     write_json(layout.attribution, result)
     _write_clusters(out / "clusters.csv", inp.ids, inp.reader, inp.rows, {lr.name: lr.labels for lr in results})
@@ -269,6 +312,55 @@ def _novelty(cfg, inp: Inputs, formulas, out: Path) -> dict[str, Any]:
                  "the typical nearest-neighbour distance) -> %s", nov["n_far"], nov["n_other"], nov["factor"],
                  out / "novelty.csv")
     return nov
+
+
+def _conditions(inp: Inputs, results: list[LayerResult]) -> dict[str, Any] | None:
+    """attribution.json ``conditions`` (:mod:`toolkit.analyze.conditions`) for a dataset with conditions."""
+    from toolkit.analyze.conditions import condition_response
+    from toolkit.analyze.steps import headline_feature
+
+    names = getattr(inp.reader, "condition_names", ())
+    feat = headline_feature(inp.table)
+    if not names or feat is None:
+        return None
+    try:
+        groups = np.array([str(x) for x in inp.reader.column("group/structure_id", inp.rows)])
+    except Exception:  # noqa: BLE001 - no structure keys: every record its own structure
+        groups = np.array([str(x) for x in inp.ids])
+    values = {c: inp.reader.column(f"conditions/{c}", inp.rows).astype(np.float64) for c in names}
+    layer = next((lr for lr in results if lr.name == "readout"), results[0] if results else None)
+    pred = inp.table.column(f"pred:{feat}") if f"pred:{feat}" in inp.table.names else None
+    truth = inp.reader.attrs.get("benchmark_truth")
+    true_shift = None
+    if isinstance(truth, dict) and truth.get("conditions"):
+        try:
+            true_shift = inp.reader.column("benchmark/onset_shift", inp.rows).astype(np.float64)
+            true_shift = true_shift - _lowest_shift(values[names[0]], groups, true_shift)
+        except Exception:  # noqa: BLE001
+            true_shift = None
+    held_out = None
+    split = RunLayout(inp.run_dir).train_dir / "split.json"
+    if split.is_file():
+        test = set(json.loads(split.read_text()).get("test", []))
+        held_out = np.array([i in test for i in inp.ids])
+    out = condition_response(tuple(names), values, groups, inp.table.column(feat), pred,
+                             layer.labels if layer is not None else None, feat, layer.name if layer else None,
+                             truth if isinstance(truth, dict) else None, true_shift, held_out)
+    for name, res in out["conditions"].items():
+        rec = res.get("recovery_held_out") or res.get("recovery")
+        log.info("analyze: %s along %s: pooled slope %s (reference %s)%s", feat, name, res.get("predicted_slope"),
+                 res.get("reference_slope"), f"; planted-law shift MAE {rec['shift_mae']} (structure-blind law "
+                 f"{rec['structure_blind_mae']})" if rec else "")
+    return out
+
+
+def _lowest_shift(x: np.ndarray, groups: np.ndarray, shift: np.ndarray) -> np.ndarray:
+    """Each record's group's planted shift at the group's lowest condition value (so shifts count from there)."""
+    out = np.zeros(len(x))
+    for g in np.unique(groups):
+        m = np.flatnonzero(groups == g)
+        out[m] = shift[m[np.argmin(x[m])]]
+    return out
 
 
 EXPERIMENT_FRAGMENT = "experiment/fragment.html"  # under analyze/: the report's comparison section, kept for re-renders

@@ -145,7 +145,10 @@ def is_categorical(name: str) -> bool:
 
 
 def is_spectral(name: str) -> bool:
-    return name in SPECTRAL or name.startswith("pred:")
+    """A target feature (reference or ``pred:``; onset... of a spectrum, ``target:*`` of other targets)."""
+    from toolkit.data.targets import is_feature
+
+    return is_feature(name) or name.startswith("pred:")
 
 
 @dataclass
@@ -519,6 +522,17 @@ class StructureArrays:
         a, b = int(self.atom_offset[i]), int(self.atom_offset[i + 1])
         return self.ids[i], self.numbers[a:b], self.frac_coords[a:b], self.lattice[i]
 
+    def subset(self, rows: np.ndarray) -> "StructureArrays":
+        """The materials ``rows`` (in that order)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        spans = [np.arange(self.atom_offset[i], self.atom_offset[i + 1]) for i in rows]
+        atoms = np.concatenate(spans) if spans else np.zeros(0, np.int64)
+        counts = np.array([len(x) for x in spans], dtype=np.int64)
+        off = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum(counts, out=off[1:])
+        return StructureArrays([self.ids[i] for i in rows], self.numbers[atoms], self.frac_coords[atoms],
+                               self.lattice[rows], off)
+
 
 def dataset_hash(parts: Any) -> str:
     """Short sha256 of anything JSON-serialisable identifying the dataset (+ descriptor version)."""
@@ -602,25 +616,31 @@ def build_table(records: list[dict], min_count: int = 1) -> DescriptorTable:
 
 
 def add_spectral(table: DescriptorTable, energy: np.ndarray, spectra: np.ndarray | None, prefix: str = "",
-                 threshold: float = 4.0, transform: str = "log10_alpha", log_floor: float = 2.0) -> DescriptorTable:
-    """Append onset, edge_integral, peak_1, peak_2 of each spectrum row (``prefix`` e.g. "pred:")."""
-    from toolkit.data.spectra import spectral_descriptors
+                 threshold: float = 4.0, transform: str = "log10_alpha", log_floor: float = 2.0,
+                 spec=None) -> DescriptorTable:
+    """Append the target features of each row of ``spectra`` (``prefix`` e.g. "pred:"): onset,
+    edge_integral, peak_1, peak_2 of an absorption spectrum, or ``spec``'s features for other targets
+    (:class:`toolkit.data.targets.TargetSpec`; default: absorption with ``threshold``/``transform``)."""
+    from toolkit.data.targets import Head, TargetSpec
 
+    if spec is None:
+        spec = TargetSpec(heads=(Head("log10_alpha", 0, len(energy)),), transform=transform, log_floor=log_floor,
+                          onset_threshold=threshold)
+    feats = spec.feature_names
     n = len(table.ids)
-    new = np.full((n, len(SPECTRAL)), np.nan)
+    new = np.full((n, len(feats)), np.nan)
     fails = list(table.failures)
     if spectra is None:
         fails.extend((i, f"{prefix}spectrum", "no spectrum available") for i in table.ids)
     else:
-        for i in range(n):
-            row = np.asarray(spectra[i], dtype=np.float64)
-            if not np.isfinite(row).any():
-                fails.append((table.ids[i], f"{prefix}spectrum", "spectrum entirely masked"))
-                continue
-            d = spectral_descriptors(energy, row, threshold=threshold, transform=transform, log_floor=log_floor)
-            new[i] = [d["onset"], d["edge_integral"], d["peaks"][0], d["peaks"][1]]
-            for j, name in enumerate(SPECTRAL):
-                if not np.isfinite(new[i, j]):
-                    fails.append((table.ids[i], prefix + name, "not defined for this spectrum (no threshold crossing / peak)"))
-    names = [*table.names, *(prefix + s for s in SPECTRAL)]
+        rows = np.asarray(spectra, dtype=np.float64)
+        some = np.isfinite(rows).any(axis=1)
+        fails.extend((table.ids[i], f"{prefix}spectrum", "spectrum entirely masked") for i in np.flatnonzero(~some))
+        if some.any():
+            got = spec.features(energy, rows[some])
+            new[some] = np.column_stack([got[f] for f in feats])
+        for j, name in enumerate(feats):
+            fails.extend((table.ids[i], prefix + name, "not defined for this spectrum (no threshold crossing / peak)")
+                         for i in np.flatnonzero(some & ~np.isfinite(new[:, j])))
+    names = [*table.names, *(prefix + f for f in feats)]
     return DescriptorTable(table.ids, names, np.hstack([table.values, new]), fails)

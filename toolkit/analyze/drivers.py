@@ -285,7 +285,10 @@ def rank_drivers(table: DescriptorTable, names: list[str], seed: int = 0, repeat
                  max_rows: int = 20_000, min_rows: int = 30, **kw) -> dict[str, Any]:
     """attribution.json ``drivers``: :func:`feature_drivers` of every spectral feature in ``table``
     (reference and ``pred:``), from the descriptors ``names`` (the tested, deduplicated ones)."""
-    feats = [f for f in (*FEATURES, *(f"pred:{f}" for f in FEATURES)) if f in table.names]
+    from toolkit.data.targets import is_feature
+
+    ref = [f for f in table.names if is_feature(f) and not f.startswith("pred:")]  # onset...; target:* of other targets
+    feats = [*ref, *(f"pred:{f}" for f in ref if f"pred:{f}" in table.names)]
     names = [nm for nm in names if nm in table.names]
     x_all = table.select(names).values if names else np.zeros((len(table.ids), 0))
     usable = [j for j in range(x_all.shape[1]) if np.isfinite(x_all[:, j]).any() and np.nanstd(x_all[:, j]) > 0]

@@ -38,7 +38,8 @@ MAX_COMPONENTS = 64
 
 def probe_targets(table: DescriptorTable, min_class: int = 10, max_categorical: int = 24) -> list[str]:
     """Continuous targets present in the table plus the most balanced categorical ones."""
-    out = [n for n in CONTINUOUS_TARGETS if n in table.names and np.isfinite(table.column(n)).sum() >= 2 * min_class]
+    conts = [*CONTINUOUS_TARGETS, *(n for n in table.names if n.startswith("target:"))]  # other targets' features
+    out = [n for n in conts if n in table.names and np.isfinite(table.column(n)).sum() >= 2 * min_class]
     cats = []
     for n in table.names:
         if family(n) in CATEGORICAL_FAMILIES:

@@ -60,13 +60,17 @@ def split_phrase(d: dict[str, Any]) -> str:
     return f"high {d['descriptor']}" + _covers(d)
 
 
-def cluster_summary(c: int, size: int, onset: dict | None, ranked: list[dict], n: int = 3) -> str:
-    """"cluster 7: 41 materials, onset 1.6 ± 0.3 eV, enriched in Te (q = 1e-09), ..."."""
+def cluster_summary(c: int, size: int, onset: dict | None, ranked: list[dict], n: int = 3,
+                    feature: tuple[str, str] = ("onset", "eV")) -> str:
+    """"cluster 7: 41 materials, onset 1.6 ± 0.3 eV, enriched in Te (q = 1e-09), ..."; ``feature``: the
+    name and units of the headline feature (another target's, e.g. ("band_gap", "eV"))."""
     parts = [f"cluster {c}: {size} materials"]
+    label, units = feature
     if onset and onset.get("n"):
-        parts.append(f"onset {onset['mean']:.1f} ± {onset['std']:.1f} eV")
+        parts.append(f"{label} {onset['mean']:.3g} ± {onset['std']:.2g}{' ' + units if units else ''}"
+                     if label != "onset" else f"onset {onset['mean']:.1f} ± {onset['std']:.1f} eV")
     else:
-        parts.append("onset unknown")
+        parts.append(f"{label} unknown")
     sig = [r for r in ranked if r["q"] < ALPHA][:n]
     q = lambda r: f"{phrase(r)} (q = {_fmt_q(r['q'])})"  # noqa: E731
     up = [q(r) for r in sig if r["test"] == "fisher" and r["effect"] > 0]
@@ -327,6 +331,10 @@ def render(attribution: dict[str, Any], figures: dict[str, dict[str, str]], out:
                 [html.escape(str(d)), yes[bool(v.get("named"))], v.get("defining_clusters", ""),
                  yes[v.get("named_in_feature_ranking")]] for d, v in per.items()]))
     ov.append(novelty_html(attribution.get("novelty")))
+    from toolkit.analyze.conditions import html_section as _conditions_html
+
+    ov.append(_conditions_html(attribution.get("conditions"), (attribution.get("target") or {}).get(
+        "headline", {}).get("units", "eV")))
     rows = [[n, L["clustering"]["n_clusters"], L["clustering"]["mode"],
              "" if L.get("ami_reference") is None else f"{L['ami_reference']:.2f}",
              "" if L["surrogate"].get("holdout_balanced_accuracy") is None else f"{L['surrogate']['holdout_balanced_accuracy']:.2f}"]

@@ -66,9 +66,19 @@ class LayerResult:
         return int(self.mask.sum())
 
 
+def headline_feature(table: DescriptorTable) -> str | None:
+    """The reference feature a cluster's distribution is told by: the absorption onset, else the first
+    feature of another target (``target:band_gap``, ``target:centre`` ...), else None."""
+    if "onset" in table.names:
+        return "onset"
+    return next((n for n in table.names if n.startswith("target:")), None)
+
+
 def onset_of(table: DescriptorTable) -> np.ndarray:
-    """Reference onset (eV) of every table row; NaN for all when the table has no onset column."""
-    return table.column("onset") if "onset" in table.names else np.full(len(table.ids), np.nan)
+    """Reference onset (eV) of every table row, or the headline feature of another target
+    (:func:`headline_feature`); NaN for all when the table has neither."""
+    name = headline_feature(table)
+    return table.column(name) if name is not None else np.full(len(table.ids), np.nan)
 
 
 def analyze_layer(cfg, inp: Inputs, name: str, x: Any, mask: np.ndarray, names: list[str],
@@ -171,7 +181,26 @@ def write_comparison_figure(ami: dict[str, float], probes: dict[str, dict], figd
 
 
 # ----------------------------------------------------------------------------------------- attribution.json
-def layer_json(lr: LayerResult, names: list[str], aliases: dict[str, list[str]]) -> dict[str, Any]:
+def feature_label(reader: Any) -> tuple[str, str]:
+    """(name, units) of the dataset's headline feature for cluster summaries: ("onset", "eV") for
+    absorption; a scalar head's name and units; a DOS's centre."""
+    from toolkit.data.targets import spec_of
+
+    spec = spec_of(reader)
+    if spec.kind == "absorption":
+        return "onset", "eV"
+    name = spec.primary.removeprefix("target:")
+    return name, (spec.units if spec.kind == "scalar" else spec.x_units)
+
+
+def _target_attrs(reader: Any) -> dict[str, Any]:
+    from toolkit.data.targets import spec_of
+
+    return spec_of(reader).to_attrs()
+
+
+def layer_json(lr: LayerResult, names: list[str], aliases: dict[str, list[str]],
+               feature: tuple[str, str] = ("onset", "eV")) -> dict[str, Any]:
     """``layers.<layer>`` of attribution.json, without the AMI keys (added by :func:`assemble_attribution`)."""
     from toolkit.analyze.report import cluster_summary
 
@@ -225,7 +254,8 @@ def assemble_attribution(cfg, inp: Inputs, layer_results: list[LayerResult], nam
     ``aliases`` as from :func:`toolkit.analyze.attribution.dedupe_categorical`; ``truth``: the
     benchmark's planted drivers (dataset attribute ``benchmark_truth``), None for real data;
     ``drivers``: :func:`toolkit.analyze.drivers.rank_drivers` (None: not computed)."""
-    layers_out = {lr.name: layer_json(lr, names, aliases) for lr in layer_results}
+    label = feature_label(inp.reader)
+    layers_out = {lr.name: layer_json(lr, names, aliases, label) for lr in layer_results}
     compare_layers({lr.name: lr.labels for lr in layer_results}, layers_out)
     ami = {n: L["ami_reference"] for n, L in layers_out.items() if L.get("ami_reference") is not None}
     table, energy = inp.table, inp.energy
@@ -236,6 +266,7 @@ def assemble_attribution(cfg, inp: Inputs, layer_results: list[LayerResult], nam
         "format": "spectrolens-attribution", "version": 1, "run_dir": str(inp.run_dir),
         "generated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "n_materials": len(inp.rows),
         "config": json.loads(cfg.analyze.model_dump_json()),
+        "target": {**_target_attrs(inp.reader), "headline": {"name": label[0], "units": label[1]}},
         "energy_subsample": {"start": float(energy[0]), "step": float(energy[SPECTRUM_STEP] - energy[0]) if len(energy) > SPECTRUM_STEP else None,
                              "every": SPECTRUM_STEP, "n": len(energy[::SPECTRUM_STEP])},
         "descriptors": {"n_descriptors": len(table.names), "n_tested": len(names), "n_failures": len(table.failures),

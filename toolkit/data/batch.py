@@ -29,6 +29,7 @@ class GraphBatch:
     index: torch.Tensor  # (B,) int64: material index in the dataset store
     target: torch.Tensor | None = None  # (B, G) float32 (NaN where masked)
     target_mask: torch.Tensor | None = None  # (B, G) bool: True where the target is defined
+    conditions: torch.Tensor | None = None  # (B, C) float32 condition values (temperature, ...), raw units
     ids: list[str] = field(default_factory=list)
 
     @property

@@ -333,16 +333,48 @@ def _element(symbol: str) -> Composition:
     return Composition({Element(symbol): 1})
 
 
-def key_of(index: int) -> str:
-    """Record key / material id of benchmark material ``index``."""
-    return f"bench-{index:05d}"
+def key_of(index: int, temperature: float | None = None) -> str:
+    """Record key / material id of benchmark material ``index`` (at ``temperature`` K: ``bench-00012@300K``)."""
+    base = f"bench-{index:05d}"
+    return base if temperature is None else f"{base}@{temperature:g}K"
+
+
+def parse_key(key: str) -> tuple[int, float | None]:
+    """(index, temperature or None) of a key; raises ValueError for a malformed key."""
+    base, _, temp = key.partition("@")
+    if not base.startswith("bench-") or not base[6:].isdigit() or (temp and not temp.endswith("K")):
+        raise ValueError(f"not a benchmark key: {key!r} (expected 'bench-<index>' or 'bench-<index>@<T>K')")
+    try:
+        t = float(temp[:-1]) if temp else None
+    except ValueError:
+        raise ValueError(f"not a benchmark key: {key!r} (temperature {temp!r} is not a number)") from None
+    return int(base[6:]), t
 
 
 def index_of(key: str) -> int:
-    """Inverse of :func:`key_of`; raises ValueError for a malformed key."""
-    if not key.startswith("bench-") or not key[6:].isdigit():
-        raise ValueError(f"not a benchmark key: {key!r} (expected 'bench-<index>')")
-    return int(key[6:])
+    """The material index of a key (:func:`parse_key`); raises ValueError for a malformed key."""
+    return parse_key(key)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Temperature (benchmark.temperatures): a Varshni law with a structure-dependent coefficient
+# ---------------------------------------------------------------------------------------------
+
+#: Varshni alpha (meV/K) by anion class at the reference bond length: softer, heavier anions shift more
+VARSHNI_ALPHA = {"halide": 0.3, "oxide": 0.5, "nitride": 0.7, "sulfide": 0.9, "selenide": 1.2, "telluride": 1.5}
+VARSHNI_BOND = 1.0  # relative change of alpha per Å of bond_length_mean above BOND_REF (longer bonds: softer lattice)
+VARSHNI_BETA = 300.0  # K
+
+
+def varshni_alpha(anion_class: str, bond_length_mean: float) -> float:
+    """alpha (meV/K) = VARSHNI_ALPHA[anion] x clip(1 + 1.0 /Å (d̄ - 2.4 Å), 0.4, 2.5)."""
+    return VARSHNI_ALPHA[anion_class] * float(np.clip(1.0 + VARSHNI_BOND * (bond_length_mean - BOND_REF), 0.4, 2.5))
+
+
+def varshni_shift(alpha_mev_per_k: float, temperature: float) -> float:
+    """Onset shift (eV, <= 0) at ``temperature`` K: -alpha T^2 / (T + beta)."""
+    t = float(temperature)
+    return -1e-3 * alpha_mev_per_k * t * t / (t + VARSHNI_BETA)
 
 
 def _choose(rng: np.random.Generator) -> tuple[Prototype, str, dict[str, tuple[str, int]]]:
@@ -365,8 +397,10 @@ def _structure(proto: Prototype, anion: str, cations: dict[str, tuple[str, int]]
     return Structure(Lattice(lattice), species, proto.frac + disp @ np.linalg.inv(lattice))
 
 
-def generate(cfg: Any, index: int, energy: np.ndarray | None = None) -> Material:
-    """Benchmark material ``index`` for ``cfg`` (DataConfig or PipelineConfig); deterministic."""
+def generate(cfg: Any, index: int, energy: np.ndarray | None = None, temperature: float | None = None) -> Material:
+    """Benchmark material ``index`` for ``cfg`` (DataConfig or PipelineConfig); deterministic. At
+    ``temperature`` (K) the whole spectrum is shifted by the material's Varshni law (the structure and
+    its 0 K spectrum are those of the material; the noise is drawn per temperature)."""
     dc = _data_cfg(cfg)
     bc = dc.benchmark
     if energy is None:
@@ -384,6 +418,11 @@ def generate(cfg: Any, index: int, energy: np.ndarray | None = None) -> Material
     c_shift = sum(proto.stoich[r] * ONSET_CATION[cation_class(*cations[r])] for r in cations) / n_cat
     d_mean = d * proto.bond_ratio
     e0 = onset_rule(an_class, c_shift, d_mean)
+    e0_ground = e0
+    alpha_t = varshni_alpha(an_class, d_mean)
+    if temperature is not None:
+        e0 = e0 + varshni_shift(alpha_t, temperature)
+        rng = np.random.default_rng([bc.seed, index, int(round(temperature * 1000))])  # noise per temperature
     clean = clean_spectrum(energy, e0, proto.coordination, an_class,
                            threshold=dc.onset_threshold, log_floor=dc.log_floor)
     observed = clean + rng.normal(0.0, bc.noise, size=clean.shape) if bc.noise > 0 else clean
@@ -405,7 +444,10 @@ def generate(cfg: Any, index: int, energy: np.ndarray | None = None) -> Material
         "peak_1": float(p1) if p1 <= energy[-1] else float("nan"),
         "peak_2": float(p2) if p2 <= energy[-1] else float("nan"),
     }
-    key = key_of(index)
+    key = key_of(index, temperature)
+    if temperature is not None:
+        props.update({"temperature": float(temperature), "structure_id": key_of(index), "varshni_alpha": alpha_t,
+                      "onset_param_0K": float(e0_ground), "onset_shift": float(e0 - e0_ground)})
     return Material(id=key, structure=structure, formula=structure.composition.reduced_formula,
                     spectrum=observed.astype(np.float32), source="benchmark",
                     provenance={"file": "benchmark", "record": key, "seed": bc.seed, "index": index},
@@ -415,7 +457,7 @@ def generate(cfg: Any, index: int, energy: np.ndarray | None = None) -> Material
 #: the planted per-material factors (Material.properties keys; the store's benchmark/<factor>)
 FACTORS = ("prototype", "anion", "anion_element", "cation", "cation_oxidation", "cation_class", "coordination",
            "bond_length_active", "bond_length_mean", "cation_shift", "strain", "onset_param", "onset",
-           "edge_integral", "peak_1", "peak_2")
+           "edge_integral", "peak_1", "peak_2", "varshni_alpha", "onset_param_0K", "onset_shift")
 
 
 def benchmark_truth(cfg: Any) -> dict:
@@ -447,6 +489,11 @@ def benchmark_truth(cfg: Any) -> dict:
         },
         "prototypes": [p.name for p in prototypes()],
         "factors": list(FACTORS),
+        **({"conditions": {"temperature": {
+            "temperatures_K": list(bc.temperatures), "drivers": ["anion:*", "bond_length_mean"],
+            "rule": f"E0(T) = E0(0 K) - alpha T^2 / (T + {VARSHNI_BETA:g} K); alpha (meV/K) = A_T[anion] x "
+                    f"clip(1 + {VARSHNI_BOND} /A (bond_length_mean - {BOND_REF} A), 0.4, 2.5); the whole spectrum shifts",
+            "alpha_anion_meV_per_K": VARSHNI_ALPHA, "beta_K": VARSHNI_BETA}}} if bc.temperatures else {}),
     }
 
 
@@ -459,17 +506,18 @@ class BenchmarkSource:
         self.cfg = _data_cfg(cfg)
 
     def scan(self) -> tuple[list[str], list[Reject]]:
-        return [key_of(i) for i in range(self.cfg.benchmark.n_materials)], []
+        temps = self.cfg.benchmark.temperatures or [None]
+        return [key_of(i, t) for i in range(self.cfg.benchmark.n_materials) for t in temps], []
 
     def load(self, keys: list[str]) -> Iterator[Material | Reject]:
         energy = energy_grid(self.cfg.grid.start, self.cfg.grid.stop, self.cfg.grid.num)
         for key in keys:
             try:
-                idx = index_of(key)
+                idx, temp = parse_key(key)
             except ValueError as e:
                 yield Reject("benchmark", key, str(e))
                 continue
-            yield generate(self.cfg, idx, energy)
+            yield generate(self.cfg, idx, energy, temp)
 
     def metadata(self) -> dict:
         return {"source": self.name, "path": None, "units": "eV", "transform": self.cfg.transform,

@@ -159,6 +159,9 @@ def collate(items: list[dict[str, Any]]) -> GraphBatch:
     if all("spectrum" in it for it in items):
         target = torch.from_numpy(np.stack([np.asarray(it["spectrum"], dtype=np.float32) for it in items]))
         mask = torch.isfinite(target)
+    cond = None
+    if items and all(it.get("conditions") is not None for it in items):
+        cond = torch.from_numpy(np.stack([np.asarray(it["conditions"], dtype=np.float32) for it in items]))
     src_t, dst_t = torch.from_numpy(src), torch.from_numpy(dst)
     return GraphBatch(
         atomic_numbers=torch.from_numpy(np.concatenate([it["numbers"] for it in items])).long(),
@@ -168,7 +171,7 @@ def collate(items: list[dict[str, Any]]) -> GraphBatch:
         atom_batch=torch.from_numpy(np.repeat(np.arange(len(items), dtype=np.int64), na)),
         n_atoms=torch.from_numpy(na), n_edges=torch.from_numpy(ne),
         index=torch.tensor([int(it["index"]) for it in items], dtype=torch.long),
-        target=target, target_mask=mask, ids=[str(it["id"]) for it in items],
+        target=target, target_mask=mask, conditions=cond, ids=[str(it["id"]) for it in items],
     )
 
 

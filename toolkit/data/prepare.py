@@ -80,8 +80,12 @@ def fingerprint(cfg: PipelineConfig) -> dict:
         "onset_threshold": d.onset_threshold, "min_distance": d.min_distance, "shard_size": d.shard_size,
         "graph": cfg.graph.model_dump(),
     }
+    if d.target.model_dump() != type(d.target)().model_dump():  # only non-default targets (older plans stay valid)
+        fp["target"] = d.target.model_dump()
     if d.source == "benchmark":
         fp["benchmark"] = d.benchmark.model_dump()
+        if not d.benchmark.temperatures:
+            fp["benchmark"].pop("temperatures")
     if d.source == "realbench":
         fp["realbench"] = d.realbench.model_dump(mode="json")
     return json.loads(json.dumps(fp))
@@ -120,10 +124,14 @@ def load_plan(cfg: PipelineConfig, run_dir: str | os.PathLike) -> dict:
 def _root_attrs(cfg: PipelineConfig, source: Any, n_parts: int, n_keys: int) -> dict:
     from toolkit.data.spectra import energy_grid
 
+    from toolkit.data.targets import TargetSpec
+
     d = cfg.data
+    spec = TargetSpec.from_config(d)
     attrs = {
         "n_parts": n_parts, "n_planned": n_keys, "grid": d.grid.model_dump(),
-        "energy": energy_grid(d.grid.start, d.grid.stop, d.grid.num).tolist(), "units": "eV",
+        "energy": spec.axis(energy_grid(d.grid.start, d.grid.stop, d.grid.num)).tolist(), "units": spec.x_units,
+        "target": spec.to_attrs(),
         "transform": d.transform, "log_floor": d.log_floor, "onset_threshold": d.onset_threshold,
         "source": source.metadata(), "graph": cfg.graph.model_dump(), "prepare_config": fingerprint(cfg),
     }
@@ -189,10 +197,10 @@ def material_record(cfg: PipelineConfig, m: Material, energy: np.ndarray) -> sto
 
     s = m.structure
     if m.spectrum is not None and np.shape(m.spectrum) != (len(energy),):
-        raise ValueError(f"spectrum has shape {np.shape(m.spectrum)}, the grid has {len(energy)} points")
+        raise ValueError(f"target has shape {np.shape(m.spectrum)}, the dataset's target has {len(energy)} values")
     g = graph_from_config(s, cfg.graph, min_distance=cfg.data.min_distance)
     props = m.properties or {}
-    if m.spectrum is not None:
+    if m.spectrum is not None and cfg.data.target.kind == "absorption":
         desc = spectral_descriptors(energy, np.asarray(m.spectrum, dtype=np.float64), threshold=cfg.data.onset_threshold,
                                     transform=cfg.data.transform, log_floor=cfg.data.log_floor, properties=props)
     else:
@@ -203,15 +211,32 @@ def material_record(cfg: PipelineConfig, m: Material, energy: np.ndarray) -> sto
         from toolkit.data.benchmark import FACTORS as factors
     elif m.source == "realbench":
         from toolkit.data.realbench import FACTORS as factors
+    conditions = set(cfg.data.target.conditions)
     for k, v in props.items():
         sv = _scalar(v)
         if sv is not None:
-            extras.setdefault("benchmark" if k in factors else "properties", {})[k] = sv
+            group = ("conditions" if k in conditions else "group" if k == "structure_id"
+                     else "benchmark" if k in factors else "properties")
+            extras.setdefault(group, {})[k] = sv
     return store.MaterialRecord(
         id=m.id, formula=m.formula, numbers=np.asarray(s.atomic_numbers), frac_coords=np.asarray(s.frac_coords),
         lattice=np.asarray(s.lattice.matrix), edge_src=g.edge_src, edge_dst=g.edge_dst, edge_vec=g.edge_vec,
         spectrum=None if m.spectrum is None else np.asarray(m.spectrum, dtype=np.float32),
         descriptors=desc, extras=extras)
+
+
+def condition_problem(m: Material, names: tuple[str, ...]) -> str | None:
+    """Why a record lacks a usable value of a condition the dataset needs (data.target.conditions), or None."""
+    for name in names:
+        v = (m.properties or {}).get(name)
+        try:
+            ok = v is not None and not isinstance(v, bool) and np.isfinite(float(v))
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            return (f"missing condition: field {name!r} is {'absent' if v is None else repr(v)}; every record needs "
+                    f"a finite value of each data.target.conditions {list(names)}")
+    return None
 
 
 def _part_rejects_path(run_dir: Path, part: int) -> Path:
@@ -240,6 +265,7 @@ def run_part(cfg: PipelineConfig, run_dir: str | os.PathLike, part: int, *, plan
     descriptors, write its rejects, write the part group, mark it complete last."""
     from toolkit.data.readers import open_source
     from toolkit.data.spectra import energy_grid
+    from toolkit.data.targets import TargetSpec
 
     run_dir = Path(run_dir)
     pl = plan if plan is not None else load_plan(cfg, run_dir)
@@ -251,7 +277,8 @@ def run_part(cfg: PipelineConfig, run_dir: str | os.PathLike, part: int, *, plan
         return
     t0 = time.perf_counter()
     keys = pl["parts"][part]
-    energy = energy_grid(cfg.data.grid.start, cfg.data.grid.stop, cfg.data.grid.num)
+    spec = TargetSpec.from_config(cfg.data)
+    energy = spec.axis(energy_grid(cfg.data.grid.start, cfg.data.grid.stop, cfg.data.grid.num))
     source = source if source is not None else open_source(cfg.data)
     records: list[store.MaterialRecord] = []
     rejects: list[Reject] = []
@@ -260,6 +287,11 @@ def run_part(cfg: PipelineConfig, run_dir: str | os.PathLike, part: int, *, plan
         seen += 1
         if isinstance(item, Reject):
             rejects.append(item)
+            continue
+        problem = condition_problem(item, spec.conditions)
+        if problem:
+            prov = item.provenance or {}
+            rejects.append(Reject(str(prov.get("file", item.source)), str(prov.get("record", item.id)), problem))
             continue
         try:
             records.append(material_record(cfg, item, energy))
@@ -271,7 +303,7 @@ def run_part(cfg: PipelineConfig, run_dir: str | os.PathLike, part: int, *, plan
         rejects.append(Reject(str(source.metadata().get("path")), f"part {store.part_name(part)}",
                               f"reader returned {seen} records for {len(keys)} keys"))
     write_rejects(_part_rejects_path(run_dir, part), rejects)
-    attrs = store.write_part(spath, part, records, cfg.data.grid.num)
+    attrs = store.write_part(spath, part, records, spec.n_outputs)
     log.info("part %s: %d materials, %d rejected, %d edges in %.1f s", store.part_name(part), len(records),
              len(rejects), attrs["n_edges"], time.perf_counter() - t0)
 

@@ -337,9 +337,10 @@ def mark_complete(path: str | os.PathLike, attrs: dict) -> None:
 class PartArrays:
     """All arrays of one part in memory, sliceable per material."""
 
-    def __init__(self, arrays: dict[str, np.ndarray]):
+    def __init__(self, arrays: dict[str, np.ndarray], conditions: tuple[str, ...] = ()):
         self.arrays = arrays
         self.n = int(arrays["natoms"].shape[0])
+        self.conditions = [arrays[f"conditions/{c}"] for c in conditions]  # (n,) each
 
     @property
     def nbytes(self) -> int:
@@ -357,6 +358,7 @@ class PartArrays:
             "edge_src": a["edge_src"][e0:e1].astype(np.int64), "edge_dst": a["edge_dst"][e0:e1].astype(np.int64),
             "edge_vec": a["edge_vec"][e0:e1],
             "spectrum": a["spectrum"][local], "has_spectrum": bool(a["has_spectrum"][local]),
+            "conditions": np.array([c[local] for c in self.conditions]) if self.conditions else None,
         }
 
 
@@ -406,6 +408,11 @@ class DatasetReader:
         """The target grid (eV)."""
         return np.asarray(self.attrs["energy"], dtype=np.float64)
 
+    @property
+    def condition_names(self) -> tuple[str, ...]:
+        """Names of the per-record conditions (``conditions/<name>`` arrays; data.target.conditions)."""
+        return tuple((self.attrs.get("target") or {}).get("conditions", ()))
+
     def part_sizes(self) -> np.ndarray:
         return np.bincount(self.part_of, minlength=self.n_parts)
 
@@ -416,7 +423,7 @@ class DatasetReader:
             self._cache.move_to_end(part)
             return self._cache[part]
         self._check_part(part)
-        pa = PartArrays(_read_group(self._root["parts"][part_name(part)]))
+        pa = PartArrays(_read_group(self._root["parts"][part_name(part)]), self.condition_names)
         self._cache[part] = pa
         while len(self._cache) > self.cache_parts:
             self._cache.popitem(last=False)

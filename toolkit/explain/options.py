@@ -35,7 +35,7 @@ class ExplainError(SpectrolensError, RuntimeError):
 
 #: spectral features whose predicted shift every edit records (see toolkit.explain.probes)
 FEATURES = ("onset", "edge_integral", "peak_1", "peak_2", "peak_3", "peak_1_height", "peak_2_height",
-            "peak_3_height", "spectrum_mae")
+            "peak_3_height", "target", "spectrum_mae")  # target: the headline feature of non-absorption targets
 
 ATTRIBUTION_TARGETS = ("window", "onset", "edge_integral")
 

@@ -32,7 +32,7 @@ from toolkit.data.spectra import spectral_descriptors, to_log10
 from toolkit.embed.hooks import capture
 
 SPECTRUM_FEATURES = ("onset", "edge_integral", "peak_1", "peak_2", "peak_3", "peak_1_height", "peak_2_height",
-                     "peak_3_height")
+                     "peak_3_height", "target")
 
 
 def graph_item(structure: Any, graph_cfg: Any, index: int, ident: str) -> dict:
@@ -81,6 +81,14 @@ def spectrum_features(energy: np.ndarray, spectra: np.ndarray, data_cfg: Any) ->
     """Feature name -> (N,) values of predicted spectra (see the module docstring)."""
     n = spectra.shape[0]
     out = {k: np.full(n, np.nan) for k in SPECTRUM_FEATURES}
+    target = getattr(data_cfg, "target", None)  # a DataConfig (explain) or a Predictor (predict: its own features)
+    if target is not None and target.kind != "absorption":  # other targets: "target" = the headline feature
+        from toolkit.data.targets import TargetSpec
+
+        spec = TargetSpec.from_config(data_cfg)
+        if n:
+            out["target"] = np.asarray(spec.features(energy, spectra)[spec.primary], dtype=np.float64)
+        return out
     thr, tr, floor = data_cfg.onset_threshold, data_cfg.transform, data_cfg.log_floor
     for i in range(n):
         d = spectral_descriptors(energy, spectra[i], threshold=thr, transform=tr, log_floor=floor)
@@ -139,6 +147,9 @@ def probe_rows(materials: list[dict], model: torch.nn.Module, graph_cfg: Any, da
     rejects: list[dict] = []
     for m_pos, m in enumerate(materials):
         item, why = try_graph(m["structure"], graph_cfg, len(items), m["id"])
+        cond = m.get("conditions")  # models with condition inputs: every edit keeps the record's conditions
+        if item is not None and cond is not None:
+            item["conditions"] = cond
         if item is None:
             rejects.append({"id": m["id"], "cluster": m["cluster"], "type": "original", "label": "original",
                             "reason": why})
@@ -148,6 +159,8 @@ def probe_rows(materials: list[dict], model: torch.nn.Module, graph_cfg: Any, da
         for e in make(m["structure"]):
             if e.structure is not None:
                 it, why = try_graph(e.structure, graph_cfg, len(items), f"{m['id']}|{e.label}")
+                if it is not None and cond is not None:
+                    it["conditions"] = cond
                 if it is not None:
                     items.append(it)
                     owners.append((m_pos, e))

@@ -280,7 +280,7 @@ def _materials(reader: DatasetReader, plan_: dict, rows: range) -> list[dict]:
         rec = reader.material(int(plan_["rows"][k]))
         out.append({"row": int(plan_["rows"][k]), "id": rec["id"], "formula": rec["formula"],
                     "cluster": int(plan_["clusters"][k]), "representative": bool(plan_["representative"][k]),
-                    "structure": structure_from_record(rec)})
+                    "structure": structure_from_record(rec), "conditions": rec.get("conditions")})
     return out
 
 
@@ -298,6 +298,8 @@ def explain_materials(materials: list[dict], model: torch.nn.Module, cfg: Any, e
             if m["id"] not in originals:
                 continue
             item, _ = try_graph(m["structure"], cfg.graph, 0, m["id"])
+            if m.get("conditions") is not None:  # a model with condition inputs: the record's conditions
+                item["conditions"] = m["conditions"]
             orig = originals[m["id"]]
             weights, kind = gr.target_weights(
                 opts.attribution_target, energy, orig["prediction"], orig["features"]["onset"],
@@ -375,7 +377,8 @@ def _f(x: Any) -> float:
 VERB = {"onset": ("raises", "lowers", "eV"), "edge_integral": ("raises", "lowers", "eV·decades"),
         "peak_1": ("raises", "lowers", "eV"), "peak_2": ("raises", "lowers", "eV"), "peak_3": ("raises", "lowers", "eV"),
         "peak_1_height": ("raises", "lowers", "decades"), "peak_2_height": ("raises", "lowers", "decades"),
-        "peak_3_height": ("raises", "lowers", "decades"), "spectrum_mae": ("changes", "changes", "")}
+        "peak_3_height": ("raises", "lowers", "decades"), "spectrum_mae": ("changes", "changes", ""),
+        "target": ("raises", "lowers", "")}
 
 
 def _phrase(typ: str, label: str) -> str:
@@ -394,7 +397,7 @@ def _phrase(typ: str, label: str) -> str:
     return label
 
 
-def summarise(edits: list[dict]) -> list[dict]:
+def summarise(edits: list[dict], target: tuple[str, str] = ("target", "")) -> list[dict]:
     """One row per (edit type, label, cluster or 'all', feature): n, mean ± std shift, how many agree in sign."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in edits:
@@ -415,6 +418,8 @@ def summarise(edits: list[dict]) -> list[dict]:
             up, down, unit = VERB[feat]
             verb = up if mean > 0 else down
             what = "predicted spectrum" if feat == "spectrum_mae" else f"predicted {feat.replace('_', ' ')}"
+            if feat == "target":  # the headline feature of a non-absorption target (``target``: name, units)
+                what, unit = f"predicted {target[0].replace('_', ' ')}", target[1]
             if feat == "spectrum_mae":
                 sentence = (f"{_phrase(typ, label)} changes the predicted spectrum by {mean:.3g} ± {std:.2g} "
                             f"(mean |Δ|) in {v.size} materials")
@@ -427,6 +432,14 @@ def summarise(edits: list[dict]) -> list[dict]:
                         "mean": mean, "std": std, "median": float(np.median(v)), "n_same_sign": agree,
                         "n_extrapolated": n_extra, "n_edits": len(rs), "sentence": sentence})
     return out
+
+
+def _target_label(cfg: Any) -> tuple[str, str]:
+    """(name, units) of a non-absorption target's headline feature (explain's ``target`` feature)."""
+    from toolkit.data.targets import TargetSpec
+
+    spec = TargetSpec.from_config(cfg.data)
+    return spec.primary.removeprefix("target:"), (spec.units if spec.kind == "scalar" else spec.x_units)
 
 
 SUMMARY_COLUMNS = ["type", "label", "cluster", "feature", "n", "mean", "std", "median", "n_same_sign",
@@ -500,7 +513,7 @@ def finalize(cfg: Any, run_dir: Path) -> dict:
         rejects += read_table(op.shard_file(run_dir, s, "rejects.csv"))
     write_text(op.edits_path(run_dir), _join_csv(run_dir, n_shards, "edits.csv"))
     write_text(op.rejects_path(run_dir), _join_csv(run_dir, n_shards, "rejects.csv"))
-    table = summarise(edits)
+    table = summarise(edits, _target_label(cfg))
     write_text(op.table_path(run_dir), _csv(table, SUMMARY_COLUMNS))
     attr = _merge_attr(run_dir, n_shards)
     write_json(op.attributions_path(run_dir), attr)
@@ -601,7 +614,7 @@ def explain_summary_for_report(run_dir: Path, top: int = 15) -> dict:
         return {"available": False, "reason": f"{op.summary_path(run_dir)} missing or incomplete"}
     summary = json.loads(op.summary_path(run_dir).read_text())
     attr = json.loads(op.attributions_path(run_dir).read_text())
-    effects = [r for r in summary["effects"] if r["feature"] in ("onset", "edge_integral", "peak_1", "spectrum_mae")]
+    effects = [r for r in summary["effects"] if r["feature"] in ("onset", "edge_integral", "peak_1", "target", "spectrum_mae")]
     effects.sort(key=lambda r: (r["feature"] != "onset", -abs(r["mean"])))
     by_cluster = [r for r in read_table(op.table_path(run_dir)) if r["cluster"] != "all" and r["feature"] == "onset"]
 

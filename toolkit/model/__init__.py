@@ -35,13 +35,18 @@ def model_kwargs(cfg: ModelConfig, output_features: int | None = None) -> dict:
                 atom_input_features=cfg.atom_input_features, edge_input_features=cfg.edge_input_features,
                 triplet_input_features=cfg.triplet_input_features, embedding_features=cfg.embedding_features,
                 hidden_features=cfg.hidden_features, output_features=int(out), cutoff=cfg.rbf_cutoff,
-                link=cfg.link)
+                link=cfg.link, conditions=len(cfg.conditions), condition_features=cfg.condition_features,
+                condition_every_layer=cfg.condition_every_layer)
 
 
 def build_model(cfg: ModelConfig, output_features: int | None = None) -> nn.Module:
     """The ALIGNN model of ``cfg`` (``cfg.backend``: "torch" or "dgl"; same state_dict either way)."""
     kw = model_kwargs(cfg, output_features)
     if cfg.backend == "dgl":
+        if cfg.conditions:
+            raise ValueError(f"model.conditions {cfg.conditions}: condition inputs need model.backend=torch")
+        for k in ("conditions", "condition_features", "condition_every_layer"):
+            kw.pop(k)
         from toolkit.model.dgl_backend import ALIGNNDGL
 
         return ALIGNNDGL(**kw)

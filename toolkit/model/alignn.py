@@ -173,7 +173,8 @@ class ALIGNN(nn.Module):
     def __init__(self, *, alignn_layers: int = 4, gcn_layers: int = 4, atom_input_features: int = 92,
                  edge_input_features: int = 80, triplet_input_features: int = 40,
                  embedding_features: int = 64, hidden_features: int = 256, output_features: int = 1501,
-                 cutoff: float = 8.0, link: str = "identity") -> None:
+                 cutoff: float = 8.0, link: str = "identity", conditions: int = 0, condition_features: int = 32,
+                 condition_every_layer: bool = False) -> None:
         super().__init__()
         if link not in ("identity", "log", "logit"):
             raise ValueError(f"model link must be identity, log or logit, got {link!r}")
@@ -199,9 +200,35 @@ class ALIGNN(nn.Module):
         self.gcn_layers = nn.ModuleList(
             [self.conv_cls(hidden_features, hidden_features) for _ in range(gcn_layers)])
         self.readout = AvgPooling()
+        self.conditions = int(conditions)
+        if self.conditions:  # the state vector (MEGNet's state attributes): standardised, embedded, mixed in
+            self.register_buffer("condition_mean", torch.zeros(self.conditions))
+            self.register_buffer("condition_std", torch.ones(self.conditions))
+            self.condition_embedding = nn.Sequential(nn.Linear(self.conditions, condition_features), nn.SiLU(),
+                                                     nn.Linear(condition_features, condition_features), nn.SiLU())
+            self.condition_mix = nn.Sequential(nn.Linear(hidden_features + condition_features, hidden_features),
+                                               nn.SiLU())
+            self.condition_to_atoms = (nn.Linear(condition_features, hidden_features)
+                                       if condition_every_layer else None)
         self.fc = nn.Linear(hidden_features, output_features)
         if link == "log":  # upstream's initial bias (log of the mean dft_3d band gap, 0.7 eV)
             nn.init.constant_(self.fc.bias, math.log(0.7))
+
+    def condition_state(self, batch: GraphBatch) -> torch.Tensor:
+        """(B, condition_features) embedding of the batch's standardised conditions."""
+        c = getattr(batch, "conditions", None)
+        if c is None or c.shape != (batch.num_graphs, self.conditions):
+            raise ValueError(f"the model takes {self.conditions} condition values per material; the batch has "
+                             f"{None if c is None else tuple(c.shape)} (conditions missing from the data?)")
+        return self.condition_embedding((c.float() - self.condition_mean) / self.condition_std)
+
+    def set_condition_scale(self, values: np.ndarray) -> None:
+        """Standardise conditions with the mean and SD of ``values`` (N, C): the training records'."""
+        v = np.asarray(values, dtype=np.float64).reshape(-1, self.conditions)
+        sd = np.nanstd(v, axis=0)
+        with torch.no_grad():
+            self.condition_mean.copy_(torch.as_tensor(np.nanmean(v, axis=0), dtype=torch.float32))
+            self.condition_std.copy_(torch.as_tensor(np.where(sd > 0, sd, 1.0), dtype=torch.float32))
 
     def prepare_graphs(self, batch: GraphBatch) -> tuple[Any, Any, torch.Tensor, torch.Tensor]:
         """``(g, lg, edge_vec, line_index)`` for the layers. Torch backend: g / lg are
@@ -228,12 +255,20 @@ class ALIGNN(nn.Module):
 
     def head(self, g: Any, lg: Any, batch: GraphBatch, x: torch.Tensor, y: torch.Tensor,
              z: torch.Tensor | None) -> torch.Tensor:
-        """Everything after the embeddings: the layers, the readout, ``fc`` and the link."""
+        """Everything after the embeddings: the layers, the readout, ``fc`` and the link. With conditions,
+        the embedded state vector joins the pooled features before ``fc`` (and, with
+        ``condition_every_layer``, is added to the atom features before every layer)."""
+        s = self.condition_state(batch) if self.conditions else None
+        to_atoms = (self.condition_to_atoms(s).to(x.dtype).index_select(0, batch.atom_batch)
+                    if s is not None and self.condition_to_atoms is not None else None)
         for layer in self.alignn_layers:
-            x, y, z = layer(g, lg, x, y, z)
+            x, y, z = layer(g, lg, x if to_atoms is None else x + to_atoms, y, z)
         for layer in self.gcn_layers:
-            x, y = layer(g, x, y)
-        out = self.fc(self.readout(x, batch.atom_batch, batch.n_atoms))
+            x, y = layer(g, x if to_atoms is None else x + to_atoms, y)
+        pooled = self.readout(x, batch.atom_batch, batch.n_atoms)
+        if s is not None:
+            pooled = self.condition_mix(torch.cat([pooled, s.to(pooled.dtype)], dim=1))
+        out = self.fc(pooled)
         if self.link == "log":
             return torch.exp(out)
         if self.link == "logit":

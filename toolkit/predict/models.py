@@ -23,6 +23,7 @@ import logging
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,10 +32,15 @@ from torch import nn
 from toolkit.config import DataConfig, GraphConfig, PipelineConfig
 from toolkit.data.graphs import _CGCNN_JSON as CGCNN_JSON
 from toolkit.data.spectra import energy_grid
+from toolkit.data.targets import TargetSpec
 from toolkit.errors import SpectrolensError
 from toolkit.layout import RunLayout
 from toolkit.model import load_upstream_checkpoint, upstream_graph_config
-from toolkit.model.checkpoint import CheckpointError, load_model_file, load_state_dict_file
+from toolkit.model.checkpoint import (
+    CheckpointError,
+    load_model_file,
+    load_state_dict_file,
+)
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +64,8 @@ class Predictor:
     std_scale: float = 1.0  # recalibration factor of the per-point std (ensembles)
     onset_std_scale: float = 1.0
     identity: str = ""  # sha256 over the model files
+    spec: Any = None  # toolkit.data.targets.TargetSpec of the training data (None: absorption)
+    conditions: tuple[str, ...] = ()  # condition inputs of the model (model.conditions)
     info: dict = field(default_factory=dict)
 
     @property
@@ -109,9 +117,15 @@ def _from_spectrolens_files(paths: list[Path], kind: str) -> Predictor:
         raise PredictError(f"ensemble members {', '.join(map(str, paths))} predict different numbers of values {outs}")
     cfg = PipelineConfig.model_validate({k: saved_cfg[k] for k in ("data", "graph", "model") if k in saved_cfg})
     n_out = outs.pop()
-    return Predictor(models=models, kind=kind, paths=paths, graph=cfg.graph, energy=_grid(cfg.data, n_out, str(paths[0])),
+    spec = TargetSpec.from_config(cfg.data)
+    if spec.kind != "absorption" and spec.n_outputs == n_out:  # the store's x-axis (heads, scalars)
+        g = cfg.data.grid
+        energy = spec.axis(energy_grid(g.start, g.stop, g.num))
+    else:
+        energy = _grid(cfg.data, n_out, str(paths[0]))
+    return Predictor(models=models, kind=kind, paths=paths, graph=cfg.graph, energy=energy,
                      transform=cfg.data.transform, log_floor=cfg.data.log_floor,
-                     onset_threshold=cfg.data.onset_threshold)
+                     onset_threshold=cfg.data.onset_threshold, spec=spec, conditions=tuple(cfg.model.conditions))
 
 
 def _run_models(lay: RunLayout) -> list[Path]:

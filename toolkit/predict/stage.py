@@ -30,16 +30,23 @@ import math
 import time
 import warnings
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from toolkit.config import PipelineConfig, record_run
-from toolkit.data.records import REJECT_COLUMNS, Reject, read_rejects, write_rejects
 from toolkit.data.readers.common import duplicate_reason, reason
+from toolkit.data.records import REJECT_COLUMNS, Reject, read_rejects, write_rejects
 from toolkit.predict.models import PredictError, Predictor, load_predictor
-from toolkit.runtime import atomic_write, json_safe, select_device, write_json, write_text
+from toolkit.runtime import (
+    atomic_write,
+    json_safe,
+    select_device,
+    write_json,
+    write_text,
+)
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +100,7 @@ def _signature(cfg: PipelineConfig, pred: Predictor) -> dict:
     return {"inputs": [str(Path(i).resolve()) for i in p.inputs], "source": p.source,
             "checkpoint": str(Path(p.checkpoint).resolve()), "model_sha256": pred.identity,
             "min_atoms": p.min_atoms, "min_distance": p.min_distance or cfg.data.min_distance,
-            "shard_size": p.shard_size}
+            "shard_size": p.shard_size, **({"conditions": json_safe(p.conditions)} if p.conditions else {})}
 
 
 def plan(cfg: PipelineConfig, run_dir: Path) -> int:
@@ -183,8 +190,15 @@ def predict_materials(materials: list, pred: Predictor, cfg: PipelineConfig, dev
             prov = m.provenance or {}
             rejects.append(Reject(str(prov.get("file", "")), str(prov.get("record", m.id)), why))
             continue
-        kept.append(m)
-        items.append(item)
+        sets, why = condition_sets(m, pred.conditions, p.conditions)
+        if why is not None:
+            prov = m.provenance or {}
+            rejects.append(Reject(str(prov.get("file", "")), str(prov.get("record", m.id)), why))
+            continue
+        for suffix, values in sets:  # one prediction per condition combination (none: one)
+            kept.append(m if not suffix else replace(m, id=m.id + suffix))
+            items.append(item if values is None else {**item, "conditions": values, "index": len(items),
+                                                      "id": m.id + suffix})
     n, g, mcount = len(items), len(pred.energy), pred.n_members
     preds = np.zeros((mcount, n, g), dtype=np.float32)
     step = max(p.batch_size * 4, 1)
@@ -211,7 +225,46 @@ def predict_materials(materials: list, pred: Predictor, cfg: PipelineConfig, dev
     arrays["spectrum_std_mean"] = (np.nanmean(arrays["spectrum_std"], axis=1) if mcount > 1 and n
                                    else np.full(n, np.nan))
     arrays["n_atoms"] = np.array([len(m.structure) for m in kept], dtype=np.int64)
+    for j, c in enumerate(pred.conditions):
+        arrays[f"condition:{c}"] = np.array([it["conditions"][j] for it in items], dtype=np.float64)
+    spec = pred.spec
+    if spec is not None and spec.kind != "absorption":  # no log10-alpha onset: the target's own features
+        for k in ("onset", "onset_std", "onset_low", "onset_high", "edge_integral", "peak_1", "peak_2", "peak_3"):
+            arrays[k] = np.full(n, np.nan)
+        arrays["member_onset"] = np.full((mcount, n), np.nan)
+        got = spec.features(pred.energy, mean) if n else {f: np.zeros(0) for f in spec.feature_names}
+        for f in spec.feature_names:
+            arrays[f] = np.asarray(got[f], dtype=np.float64)
     return kept, arrays, rejects
+
+
+def condition_sets(m: Any, names: tuple[str, ...], asked: dict) -> tuple[list[tuple[str, np.ndarray | None]], str | None]:
+    """The condition values to predict material ``m`` at: ``[(id suffix, (C,) values)]`` — every combination
+    of ``predict.conditions`` (a value or a list per condition), else the record's own fields; ``[("", None)]``
+    for a model without conditions; or a reject reason."""
+    if not names:
+        return [("", None)], None
+    if asked:
+        missing = [c for c in names if c not in asked]
+        if missing:
+            return [], reason("missing condition", f"the model takes conditions {list(names)}; predict.conditions "
+                                                   f"lacks {missing}")
+        grids = [np.atleast_1d(np.asarray(asked[c], dtype=np.float64)) for c in names]
+        combos = np.array(np.meshgrid(*grids, indexing="ij")).reshape(len(names), -1).T
+        return [("@" + ",".join(f"{c}={v:g}" for c, v in zip(names, row)), row) for row in combos], None
+    props = m.properties or {}
+    vals = []
+    for c in names:
+        v = props.get(c)
+        try:
+            v = float(v)
+        except (TypeError, ValueError):
+            v = float("nan")
+        if not np.isfinite(v):
+            return [], reason("missing condition", f"the model takes conditions {list(names)}: give predict.conditions "
+                                                   f"(e.g. --set predict.conditions.{c}=300) or a field {c!r} per record")
+        vals.append(v)
+    return [("", np.asarray(vals))], None
 
 
 def run_units(cfg: PipelineConfig, run_dir: Path, shards: list[int]) -> None:
@@ -308,6 +361,8 @@ def write_csv(path: Path, res: dict) -> None:
     ens = res["n_members"] > 1
     head = ["id", "formula", "source_file", "record", "n_atoms", "n_members"] + [
         f"{k}_{UNITS[k]}" if k in UNITS and UNITS[k] == "eV" else k for k in SCALARS]
+    extra = extra_columns(res)
+    head += [k.replace(":", "_") for k in extra]
     head += [f"spectrum_{x:.4f}eV" for x in e] + ([f"std_{x:.4f}eV" for x in e] if ens else [])
     buf = io.StringIO()
     w = csv.writer(buf)
@@ -315,11 +370,18 @@ def write_csv(path: Path, res: dict) -> None:
     for i, mid in enumerate(res["ids"]):
         row = [mid, res["formula"][i], res["file"][i], res["record"][i], int(res["n_atoms"][i]), res["n_members"]]
         row += [_fmt(float(res[k][i])) for k in SCALARS]
+        row += [_fmt(float(res[k][i])) for k in extra]
         row += [_fmt(float(x)) for x in res["spectrum"][i]]
         if ens:
             row += [_fmt(float(x)) for x in res["spectrum_std"][i]]
         w.writerow(row)
     write_text(path, buf.getvalue())
+
+
+def extra_columns(res: dict) -> list[str]:
+    """Per-material arrays beyond :data:`SCALARS`: the conditions (``condition:<name>``) of models with
+    condition inputs and the features of non-absorption targets (``target:<feature>``)."""
+    return sorted(k for k in res if k.startswith(("condition:", "target:")))
 
 
 def write_zarr(path: Path, res: dict, attrs: dict) -> None:
@@ -355,6 +417,8 @@ def write_zarr(path: Path, res: dict, attrs: dict) -> None:
         attrs.get("transform"), np.nan)
     for k in SCALARS:
         arr(k, np.asarray(res[k], dtype=np.float64).reshape(n), ("material",), UNITS.get(k), np.nan)
+    for k in extra_columns(res):
+        arr(k.replace(":", "_"), np.asarray(res[k], dtype=np.float64).reshape(n), ("material",), None, np.nan)
     arr("member_onset", np.asarray(res["member_onset"], dtype=np.float64).reshape(-1, n), ("member", "material"),
         "eV", np.nan)
     with warnings.catch_warnings():  # "consolidated metadata is not part of the v3 spec": xarray reads it fast

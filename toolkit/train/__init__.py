@@ -105,7 +105,8 @@ def run(cfg: PipelineConfig, run_dir: Path, *, stop_after_epoch: int | None = No
                      "to train again", train_dir, train_dir)
             return json.loads(layout.train_metrics.read_text())
         ds = open_training_data(cfg, run_dir)  # validates store vs config before any work
-        split = resolve_split(cfg.train, ds.ids, ds.has_spectrum, train_dir / "split.json")
+        cfg = ds.with_conditions(cfg)  # model.conditions = the dataset's (recorded in config and checkpoints)
+        split = resolve_split(cfg.train, ds.ids, ds.has_spectrum, train_dir / "split.json", ds.groups)
         if denv.is_main:
             from toolkit.config import record_run
 
@@ -234,6 +235,8 @@ def _train(cfg, run_dir, train_dir, denv, device, ds, split, stop_after_epoch, e
     if cfg.train.init_output_bias:  # overwritten by a resumed checkpoint; consumes no random numbers
         with torch.no_grad():
             model.fc.bias.copy_(torch.from_numpy(ds.mean_spectrum(split.indices("train", ds.ids))))
+    if cfg.model.conditions:  # standardise the conditions with the training records' (buffers, saved with the model)
+        model.set_condition_scale(ds.conditions(split.indices("train", ds.ids)))
     loaders = ds.loaders(split, denv, cfg, pin_memory=device.type == "cuda")
     flag = StopFlag()
     trainer = Trainer(cfg, model, loaders, train_dir, denv, device, ds.energy, ds.output_features, flag)
@@ -276,7 +279,7 @@ def _final_report(cfg, trainer: Trainer, ds, split, train_dir: Path) -> dict:
 
     best = build_model(cfg.model, ds.output_features).to(trainer.device)
     best.load_state_dict(load(trainer.best_path)["model"])
-    res = trainer.test_report(best, ds.onset_threshold)
+    res = trainer.test_report(best, ds.onset_threshold, ds.spec)
     out = {"epochs": cfg.train.epochs, "steps": trainer.state.step, "best_epoch": trainer.state.best_epoch,
            "best_val_mae": trainer.state.best_val, "world_size": trainer.env.world_size,
            "counts": {"train": len(split.train), "val": len(split.val), "test": len(split.test),

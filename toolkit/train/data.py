@@ -13,6 +13,7 @@ import numpy as np
 
 from toolkit.config import ConfigError, PipelineConfig
 from toolkit.data.store import DatasetReader, StoreError
+from toolkit.data.targets import TargetSpec, spec_of
 from toolkit.layout import RunLayout
 from toolkit.train.distributed import DistEnv
 from toolkit.train.loop import Loaders
@@ -36,6 +37,27 @@ class TrainingData:
     energy: np.ndarray  # (G,) eV
     output_features: int
     onset_threshold: float
+    spec: TargetSpec | None = None  # what the values are (toolkit.data.targets)
+    groups: list[str] | None = None  # structure of each record when several records share one (conditions)
+
+    def with_conditions(self, cfg: PipelineConfig) -> PipelineConfig:
+        """``cfg`` with ``model.conditions`` = the dataset's conditions (data.target.conditions); a config
+        that names other conditions is refused."""
+        have = list(self.spec.conditions) if self.spec is not None else []
+        want = list(cfg.model.conditions)
+        if want and want != have:
+            raise ConfigError(f"model.conditions={want} but the dataset {self.store_path} has conditions {have}: "
+                              f"leave model.conditions empty to follow the dataset")
+        if have and not want:
+            log.info("model inputs: conditions %s (state vector of %d values)", have, len(have))
+            return cfg.model_copy(update={"model": cfg.model.model_copy(update={"conditions": have})})
+        return cfg
+
+    def conditions(self, indices: np.ndarray) -> np.ndarray:
+        """(n, C) raw condition values of the given records."""
+        names = self.spec.conditions if self.spec is not None else ()
+        return np.column_stack([self.reader.column(f"conditions/{c}", indices) for c in names]) if names else \
+            np.zeros((len(indices), 0))
 
     def noise_floor(self) -> float | None:
         """The noise floor (MAE of a perfect predictor, target units) of a benchmark with planted noise
@@ -101,4 +123,13 @@ def open_training_data(cfg: PipelineConfig, run_dir: Path) -> TrainingData:
         raise ConfigError(f"the dataset {store} has {len(reader)} materials but none with a spectrum: nothing "
                           f"to train on (structure-only sources can be embedded with an existing checkpoint)")
     thr = float(reader.attrs.get("onset_threshold", cfg.data.onset_threshold))
-    return TrainingData(store, reader, [str(x) for x in reader.ids], reader.has_spectrum, energy, g, thr)
+    spec = spec_of(reader)
+    groups = None
+    if spec.conditions:
+        try:
+            groups = [str(x) for x in reader.column("group/structure_id")]
+        except StoreError:
+            log.warning("%s has conditions but no group/structure_id: records are split one by one, so one "
+                        "structure can be in training and test at different conditions", store)
+    return TrainingData(store, reader, [str(x) for x in reader.ids], reader.has_spectrum, energy, g, thr, spec,
+                        groups)

@@ -28,7 +28,14 @@ from toolkit.errors import SpectrolensError
 from toolkit.runtime import use_bf16
 from toolkit.train import checkpoint as ckpt
 from toolkit.train import distributed as D
-from toolkit.train.metrics import MetricsLog, abs_error_sums, masked_loss, onset_metrics, write_predictions_csv
+from toolkit.train.metrics import (
+    MetricsLog,
+    abs_error_sums,
+    feature_metrics,
+    masked_loss,
+    onset_metrics,
+    write_predictions_csv,
+)
 
 log = logging.getLogger(__name__)
 
@@ -311,15 +318,27 @@ class Trainer:
 
     # ---------------------------------------------------------------- final test metrics
 
-    def test_report(self, model: nn.Module, onset_threshold: float) -> dict:
-        """Rank 0: test-set spectrum MAE, onset R^2/MAE (eV), per-material errors -> metrics.json + CSV."""
+    def test_report(self, model: nn.Module, onset_threshold: float, spec=None) -> dict:
+        """Rank 0: test-set MAE, onset R^2/MAE (eV; absorption), R^2/MAE of every target feature
+        (``features``: toolkit.data.targets), per-material errors -> metrics.json + CSV."""
         res = self.evaluate(self.loaders.test, model=model, collect=True, reduce=False)
         pred, target = res["pred"], res["target"]
         mask = np.isfinite(target)
         per_mat = np.where(mask, np.abs(pred - np.nan_to_num(target)), 0.0).sum(1) / np.maximum(mask.sum(1), 1)
+        feats = feature_metrics(spec, self.energy, pred, target) if spec is not None and len(pred) else {}
+        if spec is not None and spec.kind != "absorption":  # no log10-alpha onset: the primary feature stands in
+            head = {"onset_r2": float("nan"), "onset_mae": float("nan"), "onset_n": 0, "onset_n_missing": len(pred)}
+            x = spec.features(self.energy, target)[spec.primary] if len(pred) else np.zeros(0)
+            xp = spec.features(self.energy, np.where(mask, pred, np.nan))[spec.primary] if len(pred) else np.zeros(0)
+            write_predictions_csv(self.train_dir / "test_predictions.csv", res["ids"], per_mat, x, xp,
+                                  feature=spec.primary.replace(":", "_") + "_{}")
+            return {"test_spectrum_mae": res["mae"], "test_n_materials": res["n_materials"], **{
+                k if k != "onset_mae" else "onset_mae_eV": v for k, v in head.items()}, "onset_threshold": None,
+                "target_kind": spec.kind, "primary_feature": spec.primary, "features": feats}
         on = onset_metrics(self.energy, pred, target, onset_threshold)
         write_predictions_csv(self.train_dir / "test_predictions.csv", res["ids"], per_mat, on["onset_true"],
                               on["onset_pred"])
         return {"test_spectrum_mae": res["mae"], "test_n_materials": res["n_materials"],
                 "onset_r2": on["onset_r2"], "onset_mae_eV": on["onset_mae"], "onset_n": on["onset_n"],
-                "onset_n_missing": on["onset_n_missing"], "onset_threshold": onset_threshold}
+                "onset_n_missing": on["onset_n_missing"], "onset_threshold": onset_threshold,
+                **({"features": feats} if feats else {})}

@@ -38,8 +38,6 @@ def onset_metrics(energy: np.ndarray, pred: np.ndarray, target: np.ndarray, thre
 
     The prediction is masked where the reference is, so both onsets are computed on the same points.
     Returns per-material onsets and R^2 / MAE over materials where both onsets exist."""
-    from sklearn.metrics import r2_score  # lazy (with scipy): keeps `import toolkit.train` light
-
     from toolkit.data.spectra import onset_energy
 
     pred_masked = np.where(np.isfinite(target), pred, np.nan)
@@ -49,17 +47,17 @@ def onset_metrics(energy: np.ndarray, pred: np.ndarray, target: np.ndarray, thre
     n_ok = int(ok.sum())
     r2 = float(r2_score(on_true[ok], on_pred[ok])) if n_ok >= 2 else float("nan")
     mae = float(np.mean(np.abs(on_pred[ok] - on_true[ok]))) if n_ok else float("nan")
-    return {"onset_pred": on_pred, "onset_true": on_true, "onset_r2": r2, "onset_mae": mae, "onset_n": n_ok,
-            "onset_n_missing": int(len(ok) - n_ok)}
+    return {"onset_r2": r2, "onset_mae": mae, "onset_n": n_ok, "onset_n_missing": int(len(ok) - n_ok)}
 
 
 def write_predictions_csv(path: Path, ids: Sequence[str], mae: np.ndarray, onset_true: np.ndarray,
-                          onset_pred: np.ndarray) -> None:
-    """Per-material test errors: id, spectrum MAE (target units), reference/predicted onset and error (eV)."""
+                          onset_pred: np.ndarray, feature: str = "onset_{}_eV") -> None:
+    """Per-material test errors: id, spectrum MAE (target units), reference/predicted onset and error (eV);
+    ``feature``: the column pattern of another headline feature (e.g. ``target:band_gap_{}``)."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(tmp, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["id", "spectrum_mae", "onset_true_eV", "onset_pred_eV", "onset_abs_error_eV"])
+        w.writerow(["id", "spectrum_mae", feature.format("true"), feature.format("pred"), feature.format("abs_error")])
         for i, m in enumerate(ids):
             w.writerow([m, f"{mae[i]:.6g}", f"{onset_true[i]:.6g}", f"{onset_pred[i]:.6g}",
                         f"{abs(onset_pred[i] - onset_true[i]):.6g}"])
@@ -114,3 +112,22 @@ class MetricsLog:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def feature_metrics(spec, x: np.ndarray, pred: np.ndarray, target: np.ndarray) -> dict[str, dict]:
+    """R^2 and MAE of every target feature (:attr:`toolkit.data.targets.TargetSpec.feature_names`: onset
+    and peaks of a spectrum, moments of a DOS, each scalar) between predictions and references, with
+    the prediction masked where the reference is (same points for both)."""
+    from sklearn.metrics import r2_score
+
+    pm = np.where(np.isfinite(target), pred, np.nan)
+    fp, ft = spec.features(x, pm), spec.features(x, target)
+    out: dict[str, dict] = {}
+    for name in spec.feature_names:
+        a, b = ft[name], fp[name]
+        ok = np.isfinite(a) & np.isfinite(b)
+        n = int(ok.sum())
+        out[name] = {"r2": float(r2_score(a[ok], b[ok])) if n >= 2 and np.ptp(a[ok]) > 0 else float("nan"),
+                     "mae": float(np.mean(np.abs(a[ok] - b[ok]))) if n else float("nan"), "n": n,
+                     "n_missing": int(len(ok) - n)}
+    return out

@@ -50,8 +50,14 @@ class Split:
 
 
 def make_split(ids: Sequence[str], has_spectrum: Sequence[bool] | np.ndarray, fractions: Sequence[float],
-               seed: int) -> Split:
-    """Random split of the materials that have a spectrum (see module docstring for the rule)."""
+               seed: int, groups: Sequence[str] | None = None) -> Split:
+    """Random split of the materials that have a spectrum (see module docstring for the rule).
+
+    ``groups`` (one key per id, e.g. the structure of records measured at several temperatures): the
+    rule is applied to the sorted group keys and every record follows its group, so no structure is
+    in two sets (the fractions then count groups)."""
+    if groups is not None:
+        return _group_split(ids, has_spectrum, fractions, seed, groups)
     ids_arr = np.asarray(ids, dtype=object)
     mask = np.asarray(has_spectrum, dtype=bool)
     excluded = sorted(str(x) for x in ids_arr[~mask])
@@ -65,6 +71,23 @@ def make_split(ids: Sequence[str], has_spectrum: Sequence[bool] | np.ndarray, fr
     unassigned = order[n_train:n - n_test - n_val]
     return Split([str(x) for x in train], [str(x) for x in val], [str(x) for x in test],
                  excluded, sorted(str(x) for x in unassigned), "fractions", seed)
+
+
+def _group_split(ids, has_spectrum, fractions, seed, groups) -> Split:
+    mask = np.asarray(has_spectrum, dtype=bool)
+    g = np.asarray([str(x) for x in groups], dtype=object)
+    keys = sorted({str(x) for x in g[mask]})
+    by_group = make_split(keys, np.ones(len(keys), bool), fractions, seed)
+    where = {k: name for name in (*SETS, "unassigned") for k in getattr(by_group, name)}
+    sets: dict[str, list[str]] = {name: [] for name in (*SETS, "unassigned")}
+    excluded = []
+    for m, k, ok in zip(ids, g, mask):
+        if ok:
+            sets[where[str(k)]].append(str(m))
+        else:
+            excluded.append(str(m))
+    return Split(sets["train"], sets["val"], sets["test"], sorted(excluded), sorted(sets["unassigned"]),
+                 "fractions (grouped by structure)", seed)
 
 
 def read_split_file(path: Path, ids: Sequence[str], has_spectrum: Sequence[bool] | np.ndarray) -> Split:
@@ -116,7 +139,7 @@ def load_saved_split(path: Path) -> Split:
 
 
 def resolve_split(cfg_train, ids: Sequence[str], has_spectrum: Sequence[bool] | np.ndarray,
-                  saved: Path) -> Split:
+                  saved: Path, groups: Sequence[str] | None = None) -> Split:
     """The split of this run: the saved one if the run already has it, else from the file or fractions.
 
     Raises :class:`ConfigError` if the training set would be empty or a saved split names unknown ids."""
@@ -131,7 +154,7 @@ def resolve_split(cfg_train, ids: Sequence[str], has_spectrum: Sequence[bool] | 
     elif cfg_train.split_file is not None:
         split = read_split_file(cfg_train.split_file, ids, has_spectrum)
     else:
-        split = make_split(ids, has_spectrum, cfg_train.split, cfg_train.seed)
+        split = make_split(ids, has_spectrum, cfg_train.split, cfg_train.seed, groups)
     if split.excluded_no_spectrum:
         log.info("excluded %d structure-only material(s) (no spectrum) from training/validation/test",
                  len(split.excluded_no_spectrum))

@@ -139,6 +139,17 @@ class AlignnSource:
         if not rows:
             return None
         counts = Counter(r.values.size for r in rows)
+        if self.cfg.target.kind != "absorption":  # the target says how many values a row has
+            from toolkit.data.targets import TargetSpec
+
+            want = TargetSpec.from_config(self.cfg).n_outputs
+            width, n = max(counts.items(), key=lambda kv: (kv[1], kv[0] == want))
+            if counts.get(want, 0) != n:
+                raise ConfigError(
+                    f"{self.table_path}: most rows have {width} values ({n} of {len(rows)}) but data.target "
+                    f"(kind {self.cfg.target.kind}, names {self.cfg.target.names}) takes {want}: set data.target.names "
+                    f"(scalars) or data.grid.num (spectra) to the table's columns")
+            return want
         num = self.cfg.grid.num
         width, n = max(counts.items(), key=lambda kv: (kv[1], kv[0] == num, kv[0] == 1))
         if counts.get(num, 0) == n:
@@ -208,7 +219,11 @@ class AlignnSource:
                 yield Reject(str(path), key, reason("unreadable structure file", f"{type(e).__name__}: {e}"))
                 continue
             prov = {"id_prop": src_table}
-            if vals.size == 1:
+            if self.cfg.target.kind != "absorption":
+                from toolkit.data.targets import TargetSpec
+
+                spectrum, props = TargetSpec.from_config(self.cfg).apply_transform(vals).astype(np.float32), {}
+            elif vals.size == 1:
                 spectrum, props = None, {"target": float(vals[0])}
             else:
                 if self.cfg.transform == "log10_alpha":
@@ -228,7 +243,8 @@ class AlignnSource:
         return {"source": self.name, "path": str(self.folder), "id_prop": self.cfg.id_prop,
                 "units": "eV", "transform": self.cfg.transform, "log_floor": self.cfg.log_floor,
                 "values_per_row": self._width,
-                "target_kind": "scalar" if self._width == 1 else "spectrum"}
+                "target_kind": self.cfg.target.kind if self.cfg.target.kind != "absorption" else
+                ("scalar" if self._width == 1 else "spectrum")}
 
 
 def _is_float(s: str) -> bool:

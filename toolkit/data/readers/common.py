@@ -203,3 +203,58 @@ def duplicate_rejects(ids: list[str], source_file: str, records: list[str]) -> t
             seen[i] = rec
             keep.append(k)
     return keep, rejects
+
+
+def target_values(cfg: DataConfig, value: Any, energy: Any = None) -> tuple[np.ndarray | None, str | None]:
+    """A record's non-absorption target (``data.target``) as the stored vector, or a reason it is unusable.
+
+    ``value``: a number or list of numbers (scalar heads, in ``target.names`` order); a list on
+    ``data.grid`` (one spectral head), or on ``energy`` (eV, resampled onto the grid); or an object
+    ``{head: list}`` for several spectral heads (ε1 and ε2). The transform (``data.transform``) is applied."""
+    from toolkit.data.targets import TargetSpec
+
+    spec = TargetSpec.from_config(cfg)
+    grid = target_grid(cfg)
+
+    def nums(v: Any) -> np.ndarray | None:
+        if isinstance(v, bool):
+            return None
+        if isinstance(v, (int, float)):
+            return np.array([float(v)])
+        if isinstance(v, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
+            return np.asarray(v, dtype=np.float64)
+        return None
+
+    heads = value if isinstance(value, dict) else {spec.heads[0].name: value} if spec.spectral else None
+    out = np.full(spec.n_outputs, np.nan)
+    if heads is None:  # scalar heads
+        v = nums(value)
+        if v is None or v.size != spec.n_outputs:
+            return None, reason("invalid target", f"'target' must be {spec.n_outputs} number(s) "
+                                                  f"({', '.join(h.name for h in spec.heads)}), got {str(value)[:80]}")
+        out[:] = v
+    else:
+        unknown = sorted(set(heads) - {h.name for h in spec.heads})
+        if unknown:
+            return None, reason("invalid target", f"'target' has heads {unknown} not in data.target.names "
+                                                  f"{[h.name for h in spec.heads]}")
+        e = nums(energy) if energy is not None else None
+        for h in spec.heads:
+            if h.name not in heads:
+                continue  # a missing head stays masked (NaN)
+            v = nums(heads[h.name])
+            if v is None:
+                return None, reason("invalid target", f"head {h.name!r} is not a list of numbers")
+            if e is not None:
+                if e.size != v.size or e.size < 2:
+                    return None, reason("invalid target", f"head {h.name!r} has {v.size} values for {e.size} energies")
+                v = resample(e, v, grid)
+            elif v.size != h.size:
+                return None, reason("invalid target", f"head {h.name!r} has {v.size} values; without 'energy' it "
+                                                      f"must have data.grid.num={h.size}")
+            out[h.offset:h.offset + h.size] = v
+    if not np.isfinite(out).any():
+        return None, reason("invalid target", "no finite value on the target grid")
+    if np.isinf(out).any():
+        return None, reason("non-finite values", "target has infinite values")
+    return spec.apply_transform(out).astype(np.float32), None

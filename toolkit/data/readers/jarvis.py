@@ -24,8 +24,8 @@ import numpy as np
 from pymatgen.core import Lattice, Structure
 
 from toolkit.config import DataConfig
-from toolkit.data.readers.common import build_material, reason, spectrum_from_alpha
-from toolkit.data.readers.vasp import orientation_average
+from toolkit.data.readers.common import build_material, reason
+from toolkit.data.readers.vasp import optics_target
 from toolkit.data.records import Material, Reject
 
 DATASET = "dft_3d"
@@ -138,8 +138,10 @@ class JarvisSource:
                 except Exception as e:  # noqa: BLE001 - malformed page is a per-record reject
                     yield Reject(str(page), jid, reason("unusable optics page", f"{type(e).__name__}: {e}"))
                     continue
-                alpha, nan_rows = orientation_average(optics["energy"], optics["real"], optics["imag"])
-                spectrum = spectrum_from_alpha(self.cfg, optics["energy"], alpha)
+                spectrum, nan_rows, problem = optics_target(self.cfg, optics["energy"], optics["real"], optics["imag"])
+                if problem:
+                    yield Reject(str(page), jid, problem)
+                    continue
                 props = {k: optics[k] for k in ("direct_gap", "indirect_gap") if optics[k] is not None}
                 prov.update({"optics": self.cfg.jarvis_optics, "nan_rows": int(nan_rows.sum())})
             yield build_material(self.cfg, id=jid, structure=structure, spectrum=spectrum, source_file=src,

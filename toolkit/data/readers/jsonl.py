@@ -42,6 +42,7 @@ from toolkit.data.readers.common import (
     reason,
     spectrum_from_alpha,
     target_grid,
+    target_values,
     value_problem,
 )
 from toolkit.data.records import Material, Reject
@@ -169,7 +170,7 @@ class JsonlSource:
                 obj, problem = self._parse_line(raw)
                 rid = record_id(obj) if isinstance(obj, dict) and id_problem(obj) is None else None
                 rec = f"line {lineno}" if rid is None else f"line {lineno} ({rid})"
-                problem = problem or record_problem(obj, self.cfg.grid.num) or self._spectrum(obj)[1]
+                problem = problem or record_problem(obj, self.cfg.grid.num) or self._values(obj)[1]
                 if problem is None and rid in offsets:
                     problem = duplicate_reason(rid, f"line {offsets[rid][1]}")
                 if problem:
@@ -222,12 +223,25 @@ class JsonlSource:
                 structure = Structure.from_dict(obj["structure"])
         except Exception as e:  # noqa: BLE001 - any malformed dict is a per-record reject
             return Reject(src, rec, reason("unreadable structure", f"{type(e).__name__}: {e}"))
-        spectrum, problem = self._spectrum(obj)
+        spectrum, problem = self._values(obj)
         if problem:
             return Reject(src, rec, problem)
         props: dict[str, Any] = {f: float(obj[f]) for f in GAP_FIELDS if obj.get(f) is not None}
+        for f in (*self.cfg.target.conditions, "structure_id"):  # conditions are checked by prepare
+            if f in obj:
+                props[f] = obj[f]
         return build_material(self.cfg, id=key, structure=structure, spectrum=spectrum, source_file=src,
                               record=rec, source=self.name, properties=props)
+
+    def _values(self, obj: dict) -> tuple[np.ndarray | None, str | None]:
+        """The record's target vector: the absorption spectrum (``alpha``/``log10_alpha``), or for other
+        target kinds the ``"target"`` field (toolkit.data.readers.common.target_values)."""
+        if self.cfg.target.kind == "absorption":
+            return self._spectrum(obj)
+        if "target" not in obj:
+            return None, None
+        energy = obj.get("energy")
+        return target_values(self.cfg, obj["target"], energy)
 
     def _spectrum(self, obj: dict) -> tuple[np.ndarray | None, str | None]:
         """The record's spectrum on the target grid (None without one), or a reason it is unusable:

@@ -28,7 +28,13 @@ import yaml
 from pymatgen.core import Composition
 
 from toolkit.config import ConfigError, DataConfig
-from toolkit.data.readers.common import build_material, reason, spectrum_from_alpha, target_grid
+from toolkit.data.readers.common import (
+    build_material,
+    reason,
+    spectrum_from_alpha,
+    target_grid,
+    target_values,
+)
 from toolkit.data.readers.jsonl import JsonlSource
 from toolkit.data.records import Material, Reject
 from toolkit.data.spectra import alpha_from_k, energy_from_wavelength_um, resample
@@ -45,6 +51,14 @@ class ReferenceSpectrum:
     energy: np.ndarray
     alpha: np.ndarray
     metadata: dict = field(default_factory=dict)
+    n: np.ndarray | None = None  # refractive index on ``energy`` (pages with 'tabulated nk'), else None
+    k: np.ndarray | None = None  # extinction coefficient on ``energy`` (NaN = masked)
+
+    def dielectric(self) -> dict[str, np.ndarray] | None:
+        """ε1 = n² − k², ε2 = 2nk on ``energy`` (None without n)."""
+        if self.n is None or self.k is None:
+            return None
+        return {"epsilon_1": self.n ** 2 - self.k ** 2, "epsilon_2": 2.0 * self.n * self.k}
 
 
 def _table(block: dict, cols: int) -> np.ndarray:
@@ -61,11 +75,13 @@ def read_refractiveindex(path: str | Path) -> ReferenceSpectrum:
     if not isinstance(doc, dict) or not isinstance(doc.get("DATA"), list):
         raise ValueError("no DATA list")
     wl_k = None
+    n_of = None
     for block in doc["DATA"]:
         kind = str(block.get("type", ""))
         if kind == "tabulated nk":
             t = _table(block, 3)
             wl_k = (t[:, 0], t[:, 2])
+            n_of = t[:, 1]
         elif kind == "tabulated k":
             t = _table(block, 2)
             wl_k = (t[:, 0], t[:, 1])
@@ -74,6 +90,7 @@ def read_refractiveindex(path: str | Path) -> ReferenceSpectrum:
     wl, k = wl_k
     ok = np.isfinite(wl) & np.isfinite(k) & (wl > 0)
     wl, k = wl[ok], k[ok]
+    n_of = n_of[ok] if n_of is not None else None
     if wl.size < 2:
         raise ValueError("fewer than 2 valid (wavelength, k) rows")
     negative = k < 0
@@ -83,6 +100,7 @@ def read_refractiveindex(path: str | Path) -> ReferenceSpectrum:
     energy = energy_from_wavelength_um(wl)
     order = np.argsort(energy, kind="stable")
     energy, k, negative = energy[order], k[order], negative[order]
+    n_of = n_of[order] if n_of is not None else None
     material = p.parent.parent.name if p.parent.name == "nk" else p.stem
     try:
         formula = Composition(material).reduced_formula
@@ -95,7 +113,7 @@ def read_refractiveindex(path: str | Path) -> ReferenceSpectrum:
             "direction": cond.get("direction"), "temperature_K": cond.get("temperature"),
             "comments": str(doc.get("COMMENTS") or "").strip()[:300],
             "references": str(doc.get("REFERENCES") or "").strip()[:500]}
-    return ReferenceSpectrum(material, formula, energy, alpha_from_k(energy, k), meta)
+    return ReferenceSpectrum(material, formula, energy, alpha_from_k(energy, k), meta, n_of, k)
 
 
 def reference_files(folder: str | Path) -> list[Path]:
@@ -213,7 +231,22 @@ class RefractiveIndexSource:
                 yield Reject(str(self.structures.path), m.id, f"no refractiveindex.info reference for formula {m.formula}")
                 continue
             best, others = best_reference(refs, grid)
-            spectrum = spectrum_from_alpha(self.cfg, best.energy, best.alpha)
+            if self.cfg.target.kind == "dielectric":  # ε1, ε2 from the measured n, k
+                eps = best.dielectric()
+                if eps is None:
+                    yield Reject(best.metadata["file"], m.id, reason(
+                        "no refractive index", f"{best.material}/{best.metadata['page']} has k without a tabulated n "
+                                               f"on the same wavelengths: no dielectric function"))
+                    continue
+                ok = np.isfinite(eps["epsilon_2"])
+                names = self.cfg.target.names or ["epsilon_2"]
+                spectrum, problem = target_values(self.cfg, {h: eps[h][ok].tolist() for h in names},
+                                                  best.energy[ok].tolist())
+                if problem:
+                    yield Reject(best.metadata["file"], m.id, problem)
+                    continue
+            else:
+                spectrum = spectrum_from_alpha(self.cfg, best.energy, best.alpha)
             if not np.isfinite(spectrum).any():
                 yield Reject(best.metadata["file"], m.id,
                              reason("spectrum outside grid",

@@ -20,7 +20,12 @@ from typing import Iterator
 import numpy as np
 
 from toolkit.config import DataConfig
-from toolkit.data.readers.common import build_material, duplicate_rejects, reason, spectrum_from_alpha
+from toolkit.data.readers.common import (
+    build_material,
+    duplicate_rejects,
+    reason,
+    spectrum_from_alpha,
+)
 from toolkit.data.records import Material, Reject
 from toolkit.data.spectra import alpha_from_eps
 
@@ -48,6 +53,28 @@ def orientation_average(energy: np.ndarray, real: np.ndarray, imag: np.ndarray) 
     alpha = alpha_from_eps(energy, e1, e2)
     alpha[nan_rows] = np.nan
     return alpha, nan_rows
+
+
+def optics_target(cfg, energy: np.ndarray, real: np.ndarray, imag: np.ndarray) -> tuple[np.ndarray | None, np.ndarray, str | None]:
+    """The target of ``data.target`` from (N, 6) ε1/ε2 tensors: the absorption spectrum (α from the
+    orientation average), or for ``kind: dielectric`` the orientation-averaged ε1 and/or ε2 heads on the
+    grid. Returns (values or None, nan_row_mask, reject reason or None)."""
+    from toolkit.data.readers.common import target_values
+
+    if cfg.target.kind == "absorption":
+        alpha, nan_rows = orientation_average(energy, real, imag)
+        return spectrum_from_alpha(cfg, energy, alpha), nan_rows, None
+    if cfg.target.kind != "dielectric":
+        return None, np.zeros(len(energy), bool), reason(
+            "wrong target kind", f"optics files give absorption or dielectric targets, not {cfg.target.kind!r}")
+    e1 = np.asarray(real, dtype=np.float64)[:, :3].mean(axis=1)
+    e2 = np.asarray(imag, dtype=np.float64)[:, :3].mean(axis=1)
+    nan_rows = ~(np.isfinite(e1) & np.isfinite(e2))
+    keep = ~nan_rows
+    heads = {"epsilon_1": e1[keep].tolist(), "epsilon_2": e2[keep].tolist()}
+    names = cfg.target.names or ["epsilon_2"]
+    vals, problem = target_values(cfg, {k: heads[k] for k in names}, energy[keep].tolist())
+    return vals, nan_rows, problem
 
 
 class VaspSource:
@@ -96,11 +123,14 @@ class VaspSource:
             if energy.size < 2 or real.shape != (energy.size, 6) or imag.shape != (energy.size, 6):
                 yield Reject(src, key, reason("no dielectric function", "no <dielectricfunction> block with 6 tensor components"))
                 continue
-            alpha, nan_rows = orientation_average(energy, real, imag)
+            nan_rows = ~(np.isfinite(real[:, :3]).all(1) & np.isfinite(imag[:, :3]).all(1))
             if nan_rows.all():
                 yield Reject(src, key, reason("no finite optics", "every row of the dielectric function is NaN/overflow"))
                 continue
-            spectrum = spectrum_from_alpha(self.cfg, energy, alpha)
+            spectrum, nan_rows, problem = optics_target(self.cfg, energy, real, imag)
+            if problem:
+                yield Reject(src, key, problem)
+                continue
             if nan_rows.any():
                 log.warning("%s: %d dielectric-function rows are NaN/overflow (%.3g-%.3g eV); %d grid points masked",
                             src, int(nan_rows.sum()), float(energy[nan_rows].min()), float(energy[nan_rows].max()),
