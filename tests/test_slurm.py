@@ -325,3 +325,63 @@ def test_fake_sharded_stage_as_a_slurm_array(slurm_cluster, tmp_path, monkeypatc
     assert len(set(pids[0::2])) == 1 and len(set(pids[1::2])) == 1 and pids[0] != pids[1]
     for name in ("task-0.log", "task-1.log", "finalize.log"):
         assert (run_dir / "logs" / "fake" / name).stat().st_size > 0, name
+
+
+def test_ensemble_members_as_one_slurm_array_then_one_report_job(slurm_cluster, tmp_path):
+    """`train.ensemble: 2` with one rank per member: the members are one SLURM array (task k trains
+    member k into train/members/<k>, its own log), then one job afterok the array writes the ensemble
+    report (train/metrics.json with calibration, train/best.pt = member 0's); every job COMPLETED."""
+    import torch
+
+    from toolkit.layout import RunLayout
+
+    run_dir = tmp_path / "ens"
+    cfg = tiny_cfg(train__epochs=1, train__ensemble=2, executor__train__tasks_per_node=1)
+    assert run_pipeline(cfg, run_dir, executor="slurm", stages=["prepare", "train"], wait=True) == 0
+    rec = records.load(run_dir)["stages"]["train"]
+    assert [j["role"] for j in rec["jobs"]] == ["array", "finalize"]
+    arr = rec["jobs"][0]
+    assert [t["task"] for t in arr["tasks"]] == [0, 1] and [t["job_id"] for t in arr["tasks"]] == [
+        f"{arr['job_id']}_0", f"{arr['job_id']}_1"]
+    rows = [r for r in status.rows(run_dir) if r.stage == "train"]
+    assert [(r.task, r.state) for r in rows] == [("0", "completed"), ("1", "completed"), ("finalize", "completed")]
+    lay = RunLayout(run_dir)
+    for k in (0, 1):
+        assert (lay.member_dir(k) / "metrics.json").is_file() and lay.member_best(k).is_file()
+        assert (run_dir / "logs" / "train" / f"member{k}-rank0.log").stat().st_size > 0
+        assert json.loads((lay.member_dir(k) / "rank0.json").read_text())["world_size"] == 1  # one task per member
+    w = [torch.load(lay.member_best(k), weights_only=True)["model"]["fc.weight"] for k in (0, 1)]
+    assert not torch.equal(w[0], w[1])  # seeds 7 and 8
+    metrics = json.loads(lay.train_metrics.read_text())
+    assert metrics["ensemble"] == 2 and [m["seed"] for m in metrics["members"]] == [7, 8]
+    for k in (0, 1):  # the report job evaluated the members the array tasks trained
+        own = json.loads((lay.member_dir(k) / "metrics.json").read_text())
+        assert own["test_spectrum_mae"] == pytest.approx(metrics["members"][k]["test_spectrum_mae"], rel=1e-5)
+    assert 0 < metrics["calibration"]["recalibration_factor"] and metrics["calibration"]["fitted_on"] == "val"
+    assert lay.best_checkpoint.read_bytes() == lay.member_best(0).read_bytes() and lay.is_complete("train")
+    # the report job ran after both members finished and trained none itself
+    log = (run_dir / "logs" / "train" / "rank0.log").read_text()
+    assert "ensemble member 1/2 is finished" in log and "ensemble member 2/2 is finished" in log
+    assert all(lay.train_metrics.stat().st_mtime >= (lay.member_dir(k) / "metrics.json").stat().st_mtime for k in (0, 1))
+
+
+def test_ensemble_members_as_ddp_jobs_then_one_report_job(slurm_cluster, tmp_path):
+    """`train.ensemble: 2` with 2 ranks per member: one 2-rank DDP job per member (ranks synchronised,
+    each member in its own folder), then the report job afterok both."""
+    from toolkit.layout import RunLayout
+
+    run_dir = tmp_path / "ens-ddp"
+    cfg = tiny_cfg(train__epochs=1, train__ensemble=2)  # executor.train: 1 node x 2 tasks
+    assert run_pipeline(cfg, run_dir, executor="slurm", stages=["prepare", "train"], wait=True) == 0
+    rec = records.load(run_dir)["stages"]["train"]
+    assert [(j["role"], j.get("member")) for j in rec["jobs"]] == [("ranks", 0), ("ranks", 1), ("finalize", None)]
+    rows = [r for r in status.rows(run_dir) if r.stage == "train"]
+    assert [r.state for r in rows] == ["completed"] * 5, rows  # 2 x 2 ranks + the report job
+    lay = RunLayout(run_dir)
+    for k in (0, 1):
+        ranks = [json.loads((lay.member_dir(k) / f"rank{r}.json").read_text()) for r in (0, 1)]
+        assert [r["world_size"] for r in ranks] == [2, 2] and {r["launcher"] for r in ranks} == {"slurm"}
+        assert ranks[0]["weights_sha256"] == ranks[1]["weights_sha256"]
+        assert (run_dir / "logs" / "train" / f"member{k}-rank1.log").stat().st_size > 0
+    metrics = json.loads(lay.train_metrics.read_text())
+    assert metrics["ensemble"] == 2 and [m["seed"] for m in metrics["members"]] == [7, 8] and lay.is_complete("train")

@@ -284,9 +284,14 @@ class AnalyzeConfig(_Section):
     drivers: bool = Field(True, description="rank the drivers of each spectral feature (attribution.json 'drivers')")
     map_projection: Literal["pca", "umap"] = Field("pca", description="the 2-D map of each layer (figures, "
                                                    "interactive map, chemiscope): PCA, or UMAP (umap-learn)")
-    novelty_factor: float = Field(2.0, gt=0, description="materials whose readout embedding is farther than this x the "
-                                  "typical nearest-neighbour distance from the training materials are flagged "
-                                  "(analyze/novelty.csv, report)")
+    novelty_quantile: float = Field(0.95, gt=0, lt=1, description="far from the training data (analyze/novelty.csv, "
+                                    "report): a material whose readout distance to the nearest training material, over "
+                                    "the typical nearest-neighbour distance, exceeds the conformal quantile q of the "
+                                    "validation materials' ratios, so ~(1-q) of in-distribution materials are flagged "
+                                    "(no validation split: the training materials' leave-one-out ratios)")
+    novelty_factor: float | None = Field(None, gt=0, description="override: flag materials beyond this fixed multiple "
+                                         "of the typical nearest-neighbour distance instead of the calibrated threshold "
+                                         "(novelty_quantile)")
     compare_experiment: Path | None = Field(None, description="refractiveindex.info database folder: compare the "
                                             "predicted spectra with measured ones of the same reduced formula in the "
                                             "report (analyze/experiment/; docs/predict.md)")

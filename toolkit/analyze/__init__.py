@@ -188,6 +188,10 @@ class Inputs:
     predicted: np.ndarray | None  # (N, G) float32 model predictions
     table: Any  # DescriptorTable
     dinfo: dict[str, Any]
+    # ensembles (embeddings.zarr prediction_std, toolkit.embed): per-point recalibrated σ (N, G), and the onset
+    # interval {onset, onset_std, onset_low, onset_high} (N,) each; None for one model
+    predicted_std: np.ndarray | None = None
+    predicted_onset: dict[str, np.ndarray] | None = None
 
 
 def load_inputs(cfg, run_dir: Path) -> Inputs:
@@ -211,7 +215,17 @@ def load_inputs(cfg, run_dir: Path) -> Inputs:
         reference = np.full((len(rows), len(reader.energy)), np.nan, dtype=np.float32)
         reference[has_spec] = reader.column("spectrum", rows[has_spec])
     return Inputs(run_dir, reader, emb, rows, [str(x) for x in reader.ids[rows]], has_spec,
-                  reader.energy, reference, predicted, table, dinfo)
+                  reader.energy, reference, predicted, table, dinfo, *_ensemble_uncertainty(emb))
+
+
+def _ensemble_uncertainty(emb) -> tuple[np.ndarray | None, dict[str, np.ndarray] | None]:
+    """(prediction_std, onset interval) of an ensemble's embeddings store; (None, None) for one model."""
+    from toolkit.embed.store import ONSET_KEYS
+
+    if emb is None or "prediction_std" not in emb:
+        return None, None
+    onset = {k.removeprefix("prediction_"): np.asarray(emb[k][:], dtype=np.float64) for k in ONSET_KEYS if k in emb}
+    return np.asarray(emb["prediction_std"][:], dtype=np.float32), (onset if len(onset) == len(ONSET_KEYS) else None)
 
 
 def run(cfg, run_dir: Path) -> dict[str, Any]:
@@ -292,14 +306,15 @@ def analyze_inputs(cfg, inp: Inputs) -> dict[str, Any]:
 def _novelty(cfg, inp: Inputs, formulas, out: Path) -> dict[str, Any]:
     """Distance of every material's readout embedding to the training data (:mod:`toolkit.analyze.novelty`);
     the ratios go to ``analyze/novelty.csv``, the summary to attribution.json ``novelty``."""
-    from toolkit.analyze.novelty import far_from_training, training_mask
+    from toolkit.analyze.novelty import far_from_training, split_masks
 
     key = f"layers/readout/{cfg.analyze.pooling}"
     if inp.emb is None or key not in inp.emb:
         return {"available": False, "reason": f"no {key} in embeddings.zarr"}
-    train, source = training_mask(inp.run_dir, inp.ids, inp.has_spec)
+    train, val, source = split_masks(inp.run_dir, inp.ids, inp.has_spec)
     nov, ratio = far_from_training(np.asarray(inp.emb[key][...]), train, inp.ids, [str(f) for f in formulas],
-                                   factor=cfg.analyze.novelty_factor, seed=cfg.analyze.seed)
+                                   factor=cfg.analyze.novelty_factor, seed=cfg.analyze.seed, val=val,
+                                   quantile=cfg.analyze.novelty_quantile)
     nov["training_from"] = source
     if ratio is not None:
         buf = io.StringIO()
@@ -308,9 +323,9 @@ def _novelty(cfg, inp: Inputs, formulas, out: Path) -> dict[str, Any]:
         for i, (mid, t, r) in enumerate(zip(inp.ids, train, ratio)):
             w.writerow([mid, formulas[i], int(t), f"{r:.4f}", int(r > nov["factor"])])
         write_text(out / "novelty.csv", buf.getvalue())
-        log.info("analyze: %d of %d materials outside the training split are far from it (readout distance > %g x "
-                 "the typical nearest-neighbour distance) -> %s", nov["n_far"], nov["n_other"], nov["factor"],
-                 out / "novelty.csv")
+        log.info("analyze: %d of %d materials outside the training split are far from it (readout distance > %.3g x "
+                 "the typical nearest-neighbour distance; threshold: %s) -> %s", nov["n_far"], nov["n_other"],
+                 nov["factor"], nov["threshold_method"], out / "novelty.csv")
     return nov
 
 

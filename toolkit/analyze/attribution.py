@@ -282,11 +282,18 @@ def _nanpercentiles(s: np.ndarray, qs: tuple[float, ...]) -> list[np.ndarray]:
 
 
 def spectral_signature(labels: np.ndarray, energy: np.ndarray, reference: np.ndarray | None,
-                       predicted: np.ndarray | None, onset: np.ndarray | None, seed: int = 0) -> dict[int, dict]:
+                       predicted: np.ndarray | None, onset: np.ndarray | None, seed: int = 0,
+                       predicted_std: np.ndarray | None = None,
+                       predicted_onset: dict[str, np.ndarray] | None = None) -> dict[int, dict]:
     """Per cluster: mean and 10/90 % percentile band of reference and predicted spectra (log10 α on
     the energy grid, NaN-aware), and the onset distribution (eV). Clusters larger than
     ``SIGNATURE_MAX`` use a seeded random sample of that many members for the spectra (recorded as
-    ``spectra_sampled``), which bounds the memory at 20,000 x grid float64 per cluster."""
+    ``spectra_sampled``), which bounds the memory at 20,000 x grid float64 per cluster.
+
+    Ensembles: ``predicted_std`` (N, G), the members' recalibrated per-point σ, gives ``predicted.sigma``
+    (the cluster's mean σ per point: the ±2σ band of its predicted spectrum); ``predicted_onset``
+    (``onset``, ``onset_std``, ``onset_low``, ``onset_high``, each (N,)) gives ``predicted_onset``: the
+    cluster means of the ensemble onset, its σ and its ±2σ interval ends."""
     out: dict[int, dict] = {}
     rng = np.random.default_rng(seed)
     for c in np.unique(labels):
@@ -304,6 +311,13 @@ def spectral_signature(labels: np.ndarray, energy: np.ndarray, reference: np.nda
                 warnings.simplefilter("ignore", RuntimeWarning)
                 p10, p90 = _nanpercentiles(s, (10, 90))
                 sig[key] = {"mean": np.nanmean(s, 0), "std": np.nanstd(s, 0), "p10": p10, "p90": p90}
+                if key == "predicted" and predicted_std is not None:
+                    sig[key]["sigma"] = np.nanmean(np.asarray(predicted_std[rows], dtype=np.float64), 0)
+        if predicted_onset is not None:
+            po = {k: np.asarray(v, dtype=np.float64)[m] for k, v in predicted_onset.items()}
+            ok = np.isfinite(po["onset"]) & np.isfinite(po["onset_std"])
+            sig["predicted_onset"] = ({"n": int(ok.sum()), **{k: float(v[ok].mean()) for k, v in po.items()}}
+                                      if ok.any() else {"n": 0})
         if onset is not None:
             o = onset[m]
             o = o[np.isfinite(o)]

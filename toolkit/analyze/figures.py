@@ -99,8 +99,10 @@ def embedding_map(coords: np.ndarray, labels: np.ndarray, onset: np.ndarray | No
 
 
 def cluster_spectra(energy: np.ndarray, signature: dict[int, dict], title: str):
-    """Mean reference (solid) and predicted (dashed) log10 α per cluster with the 10-90 % band
-    (at most MAX_PANELS panels: the largest clusters)."""
+    """Mean reference (solid) and predicted (dashed) log10 α per cluster with the 10-90 % band of the
+    reference and, for an ensemble's prediction (``predicted.sigma``), the ±2σ band of the predicted
+    mean (hatched; σ = the cluster's mean recalibrated per-point σ) (at most MAX_PANELS panels: the
+    largest clusters)."""
     signature, note = _largest(signature, {c: s["size"] for c, s in signature.items()})
     k = len(signature)
     ncol = min(4, k)
@@ -118,6 +120,9 @@ def cluster_spectra(energy: np.ndarray, signature: dict[int, dict], title: str):
             ax.plot(energy, s["mean"], ls, color=cm(c % cm.N), lw=1.2, label=key)
             if key == "reference":
                 ax.fill_between(energy, s["p10"], s["p90"], color=cm(c % cm.N), alpha=0.25, lw=0)
+            elif s.get("sigma") is not None:
+                ax.fill_between(energy, s["mean"] - 2 * s["sigma"], s["mean"] + 2 * s["sigma"], facecolor="none",
+                                edgecolor=cm(c % cm.N), hatch="////", lw=0, alpha=0.6, label="predicted ±2σ")
             drawn = True
         if not drawn:
             _note(ax, "no spectra")
@@ -129,7 +134,9 @@ def cluster_spectra(energy: np.ndarray, signature: dict[int, dict], title: str):
         ax.set_xlabel("energy (eV)")
     for ax in axes[:, 0]:
         ax.set_ylabel("log10 α")
-    fig.suptitle(f"{title}: cluster spectra (band: 10-90 % of reference){note}", fontsize=10)
+    ens = any((s.get("predicted") or {}).get("sigma") is not None for s in signature.values())
+    bands = "10-90 % of reference" + ("; hatched: predicted ±2σ (ensemble)" if ens else "")
+    fig.suptitle(f"{title}: cluster spectra (band: {bands}){note}", fontsize=10)
     fig.tight_layout()
     return fig
 

@@ -7,7 +7,7 @@ Plotly trace per cluster. In the page:
 * "colour by": cluster, or a descriptor (:data:`CONTINUOUS` on a viridis scale, grey = missing;
   :data:`CATEGORICAL` families as classes, e.g. the anion class);
 * click a point: its reference and predicted spectrum (every ~G/:data:`SPECTRUM_POINTS`-th point of
-  the energy grid) under the map;
+  the energy grid) under the map; for an ensemble's prediction (``predicted_std``) with its ±2σ band;
 * click a cluster in the legend or in the report's cluster list of that layer: its members (id,
   formula, onset), each clickable (double-click in the legend still isolates a cluster).
 
@@ -102,7 +102,7 @@ def subsample(labels: np.ndarray, max_points: int, seed: int, ids: Any = None) -
 def map_data(layer: str, ids: Any, formulas: Any, coords: np.ndarray, labels: np.ndarray,
              descriptors: dict[str, np.ndarray], energy: np.ndarray, reference: np.ndarray | None = None,
              predicted: np.ndarray | None = None, *, transform: str = "log10_alpha", max_points: int = MAX_POINTS,
-             seed: int = 0, projection: str = "pca") -> dict[str, np.ndarray]:
+             seed: int = 0, projection: str = "pca", predicted_std: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """The arrays one layer's map needs (all rows aligned: the clustered materials, ``labels`` >= 0):
     the shown subsample (:func:`subsample`) of ids, formulas, coordinates, clusters, ``descriptors``
     (:func:`descriptor_columns`) and spectra on every ``step``-th energy; plus the size of every
@@ -123,7 +123,7 @@ def map_data(layer: str, ids: Any, formulas: Any, coords: np.ndarray, labels: np
     }
     for k, v in descriptors.items():
         d[f"d:{k}"] = np.asarray(v)[keep]
-    for k, s in (("reference", reference), ("predicted", predicted)):
+    for k, s in (("reference", reference), ("predicted", predicted), ("predicted_std", predicted_std)):
         if s is not None:
             d[k] = np.asarray(s[keep][:, ::step] if not hasattr(s, "oindex") else s.oindex[keep, ::step], dtype=np.float32)
     return d
@@ -139,10 +139,12 @@ def from_layer(lr: Any, inp: Any, formulas: np.ndarray, *, max_points: int = MAX
     ids = np.asarray(inp.ids)[m]
     ref = inp.reference[m] if inp.reference is not None else None
     pred = inp.predicted[m] if inp.predicted is not None else None
+    pstd = getattr(inp, "predicted_std", None)  # ensembles: the ±2σ band of the click panel
     return map_data(lr.name, ids, np.asarray(formulas)[m], res.coords, res.labels,
                     descriptor_columns(inp.table, np.flatnonzero(m)), inp.energy, ref, pred,
                     transform=str(inp.reader.attrs.get("transform", "log10_alpha")) if hasattr(inp.reader, "attrs") else "log10_alpha",
-                    max_points=max_points, seed=seed, projection=str(res.preprocessing.get("map", "pca")))
+                    max_points=max_points, seed=seed, projection=str(res.preprocessing.get("map", "pca")),
+                    predicted_std=pstd[m] if pstd is not None else None)
 
 
 def _file(directory: Path, layer: str) -> Path:
@@ -181,10 +183,11 @@ def _json(obj: Any) -> str:
 
 
 def _spectra_pool(maps: dict[str, dict[str, np.ndarray]]) -> tuple[dict[str, Any], dict[str, int]]:
-    """Reference and predicted spectra of every shown material, once per id for all layers:
-    int16 codes ``q`` (-32768 = missing) with value = lo + (q + 32767) * scale, base64 of
-    (M, 2, G') little-endian int16."""
+    """Reference and predicted spectra (and the ensemble's σ of the prediction, when any map has it) of
+    every shown material, once per id for all layers: int16 codes ``q`` (-32768 = missing) with value =
+    lo + (q + 32767) * scale, base64 of (M, C, G') little-endian int16, C = ``channels`` (2 or 3)."""
     first = next(iter(maps.values()))
+    kinds = ("reference", "predicted") + (("predicted_std",) if any("predicted_std" in d for d in maps.values()) else ())
     energy = first["energy"]
     index: dict[str, int] = {}
     blocks = []
@@ -195,19 +198,19 @@ def _spectra_pool(maps: dict[str, dict[str, np.ndarray]]) -> tuple[dict[str, Any
         for i in new:
             index[str(d["id"][i])] = len(index)
         g = len(energy)
-        blk = np.full((len(new), 2, g), np.nan, dtype=np.float32)
-        for j, k in enumerate(("reference", "predicted")):
+        blk = np.full((len(new), len(kinds), g), np.nan, dtype=np.float32)
+        for j, k in enumerate(kinds):
             if k in d:
                 blk[:, j] = d[k][new]
         blocks.append(blk)
-    allv = np.concatenate(blocks) if blocks else np.zeros((0, 2, len(energy)), np.float32)
+    allv = np.concatenate(blocks) if blocks else np.zeros((0, len(kinds), len(energy)), np.float32)
     fin = np.isfinite(allv)
     lo = float(allv[fin].min()) if fin.any() else 0.0
     hi = float(allv[fin].max()) if fin.any() else 1.0
     scale = (hi - lo) / 65534 if hi > lo else 1.0
     q = np.full(allv.shape, -32768, dtype="<i2")
     q[fin] = (np.rint((allv[fin] - lo) / scale) - 32767).astype("<i2")
-    pool = {"energy": _num(energy, 6), "lo": lo, "scale": scale, "g": len(energy),
+    pool = {"energy": _num(energy, 6), "lo": lo, "scale": scale, "g": len(energy), "channels": len(kinds),
             "transform": str(first.get("transform", "log10_alpha")),
             "data": base64.b64encode(q.tobytes()).decode()}
     return pool, index
@@ -333,17 +336,17 @@ _PAGE_JS = r"""
     return p;
   }
   SL.spectrum = function (row) {
-    var p = spectraPool(), g = p.g, out = [];
-    for (var j = 0; j < 2; j++) {
+    var p = spectraPool(), g = p.g, nc = p.channels || 2, out = [];
+    for (var j = 0; j < nc; j++) {
       var y = new Array(g), any = false;
       for (var k = 0; k < g; k++) {
-        var q = p.q[(row * 2 + j) * g + k];
+        var q = p.q[(row * nc + j) * g + k];
         y[k] = q === -32768 ? null : p.lo + (q + 32767) * p.scale;
         if (y[k] !== null) any = true;
       }
       out.push(any ? y : null);
     }
-    return {energy: p.energy, reference: out[0], predicted: out[1], transform: p.transform};
+    return {energy: p.energy, reference: out[0], predicted: out[1], std: nc > 2 ? out[2] : null, transform: p.transform};
   };
 
   function init(box) {
@@ -429,6 +432,11 @@ _PAGE_JS = r"""
     var s = d.spec[i] >= 0 ? SL.spectrum(d.spec[i]) : null, traces = [];
     if (s && s.reference) traces.push({x: s.energy, y: s.reference, name: "reference", mode: "lines", line: {color: "#222"}});
     if (s && s.predicted) traces.push({x: s.energy, y: s.predicted, name: "predicted", mode: "lines", line: {color: "#d62728", dash: "dash"}});
+    if (s && s.predicted && s.std) {  // ensemble: mean ± 2σ (recalibrated) as a filled band
+      var band = function (sign) { return s.predicted.map(function (v, k) { return v === null || s.std[k] === null ? null : v + sign * 2 * s.std[k]; }); };
+      traces.push({x: s.energy, y: band(-1), name: "predicted −2σ", mode: "lines", line: {width: 0}, showlegend: false, hoverinfo: "skip"});
+      traces.push({x: s.energy, y: band(1), name: "predicted ±2σ", mode: "lines", line: {width: 0}, fill: "tonexty", fillcolor: "rgba(214,39,40,0.2)"});
+    }
     if (!traces.length) title.append(el("span", " (no spectrum)"));
     var unit = s && s.transform === "log10_alpha" ? "log10 \u03b1" : (s ? s.transform : "");
     Plotly.react(box.querySelector(".imap-spectrum"), traces, {height: 300, margin: {l: 50, r: 10, t: 30, b: 40},

@@ -236,6 +236,14 @@ def consistency(drivers: dict | None, effects: list[dict]) -> list[dict[str, Any
     return out
 
 
+def predicted_onset_html(po: dict | None) -> str:
+    """A cluster's mean ensemble-predicted onset and ±2σ interval (attribution.json ``spectral.predicted_onset``)."""
+    if not po or not po.get("n"):
+        return ""
+    return (f"<br><span class='meta'>predicted onset (ensemble) {po['onset']:.2f} eV, ±2σ interval "
+            f"{po['onset_low']:.2f}–{po['onset_high']:.2f} eV (means over {po['n']} materials)</span>")
+
+
 def novelty_html(nov: dict | None) -> str:
     """How many materials lie far from the training data (:mod:`toolkit.analyze.novelty`) and the farthest."""
     if not nov:
@@ -244,9 +252,11 @@ def novelty_html(nov: dict | None) -> str:
         return f"<p class='meta'>Distance to the training data not computed ({html.escape(str(nov.get('reason')))}).</p>"
     s = [f"<p>Distance to the training data (readout embeddings, {html.escape(str(nov.get('training_from')))}): "
          f"{nov['n_far']} of {nov['n_other']} materials outside the training split are farther than "
-         f"{nov['factor']:g} x the typical nearest-neighbour distance between training materials "
+         f"{nov['factor']:.3g} x the typical nearest-neighbour distance between training materials "
          f"({100 * nov['share_far']:.1f} %); predictions and cluster memberships there are extrapolations "
-         f"(per material: analyze/novelty.csv).</p>"]
+         f"(per material: analyze/novelty.csv). Threshold: {html.escape(str(nov.get('threshold_method', 'fixed')))}"
+         + (f"; {nov['n_far_val']} of {nov['n_val']} validation and {nov['n_far_rest']} of {nov['n_rest']} other "
+            f"held-out materials beyond it" if nov.get("n_val") else "") + ".</p>"]
     if nov.get("farthest"):
         s.append(_table(["material", "formula", "distance / typical"],
                         [[html.escape(r["id"]), html.escape(str(r.get("formula") or "")), f"{r['ratio']:.2f}"]
@@ -369,7 +379,7 @@ def render(attribution: dict[str, Any], figures: dict[str, dict[str, str]], out:
             s.append(f'<div class="tree">{hierarchy_html(hier, layer=name)}</div>')
         s.append(f"<h3>clusters at k = {L['clustering']['n_clusters']}</h3>")
         s.append('<ul class="summary">' + "".join(
-            f"<li>{html.escape(c['summary'])}"
+            f"<li>{html.escape(c['summary'])}" + predicted_onset_html(c.get("spectral", {}).get("predicted_onset"))
             + (f"<br><span class='path'>{html.escape(' → '.join(c['path']))}</span>" if c.get("path") else "")
             + "</li>" for c in L["clusters"].values()) + "</ul>")
         s.append(imaps.get(name, ""))  # interactive map (issue 21)

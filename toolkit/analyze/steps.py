@@ -118,8 +118,11 @@ def analyze_layer(cfg, inp: Inputs, name: str, x: Any, mask: np.ndarray, names: 
     fit_rows = _subsample(len(sub.ids), a.seed)
     fit_sub = DescriptorTable([sub.ids[i] for i in fit_rows], sub.names, sub.values[fit_rows], [])
     surrogate = attr.surrogate_importance(res.labels[fit_rows], fit_sub, cand[:60], a.permutation_repeats, a.seed)
+    unc = getattr(inp, "predicted_std", None), getattr(inp, "predicted_onset", None)  # ensembles only
     sig = attr.spectral_signature(res.labels, inp.energy, inp.reference[mask] if inp.reference is not None else None,
-                                  inp.predicted[mask] if inp.predicted is not None else None, onset_of(table)[mask])
+                                  inp.predicted[mask] if inp.predicted is not None else None, onset_of(table)[mask],
+                                  predicted_std=unc[0][mask] if unc[0] is not None else None,
+                                  predicted_onset={k: v[mask] for k, v in unc[1].items()} if unc[1] else None)
     elements = attr.element_enrichment(res.labels, sub)
     feats = np.asarray(x.oindex[fit_rows] if hasattr(x, "oindex") else x[fit_rows], dtype=np.float32)
     probes = prb.probe_layer(feats, fit_sub, targets, folds=a.probe_folds, seed=a.seed)
@@ -211,10 +214,14 @@ def layer_json(lr: LayerResult, names: list[str], aliases: dict[str, list[str]],
     paths = (lr.hierarchy or {}).get("paths", {})
     for c in sorted(lr.ranked):
         s = lr.signature[c]
-        spec = {k: {"mean": _ds(s[k]["mean"]), "std": _ds(s[k]["std"])} for k in ("reference", "predicted") if k in s}
+        spec = {k: {"mean": _ds(s[k]["mean"]), "std": _ds(s[k]["std"]),
+                    **({"sigma": _ds(s[k]["sigma"])} if "sigma" in s[k] else {})}  # sigma: ensembles' mean σ
+                for k in ("reference", "predicted") if k in s}
+        if "predicted_onset" in s:  # ensembles: mean predicted onset and its ±2σ interval (eV)
+            spec["predicted_onset"] = s["predicted_onset"]
         clusters[str(c)] = {"size": int(s["size"]), "node": int(nodes[c]) if c < len(nodes) else None,
                             "path": paths.get(str(c), []), "members": member_ids[labels == c].tolist(),
-                            "summary": cluster_summary(c, s["size"], s.get("onset"), lr.ranked[c]),
+                            "summary": cluster_summary(c, s["size"], s.get("onset"), lr.ranked[c], feature=feature),
                             "spectral": {"onset": s.get("onset"), **spec},
                             "descriptors": _ranked_json(lr.ranked[c], aliases)}
     return {"clustering": lr.clustering.summary(), "linkage_file": f"linkage/{lr.name}.npy", "n_tests": lr.n_tests,

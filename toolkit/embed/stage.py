@@ -10,6 +10,9 @@ materials, one Zarr shard of every array each):
   given shards through one sequential DataLoader (:func:`extract_shards`; batches never cross a shard
   boundary), so the model is loaded and data-loader workers are started once per call, not per shard.
   Each shard writes its whole Zarr shard of every array, then its completion record.
+* Ensembles: when the run trained a finished ensemble, ``prediction`` is the members' mean with
+  ``prediction_std`` and the onset interval beside it (:func:`toolkit.embed.extract.ensemble_members`);
+  the layer activations are member 0's.
 * :func:`finalize`: checks all shards, compacts per-atom features, marks complete, consolidates metadata.
 * :func:`run`: all of it in this process. Where shards run in parallel is the launcher's choice
   (:func:`toolkit.hpc.launch.run_sharded`); this module imports nothing from it.
@@ -36,6 +39,7 @@ from toolkit.embed.extract import (
     EmbedError,
     checkpoint_path,
     embed_layers,
+    ensemble_members,
     extract,
     file_sha256,
     load_model,
@@ -68,17 +72,19 @@ def _dataset(run_dir: Path) -> DatasetReader:
     return DatasetReader(path)
 
 
-def _layout(cfg: PipelineConfig, run_dir: Path, reader: DatasetReader) -> tuple[st.Layout, str]:
-    """The layout this config asks for, and the checkpoint sha256 (model built on CPU once)."""
+def _layout(cfg: PipelineConfig, run_dir: Path, reader: DatasetReader) -> tuple[st.Layout, str, dict]:
+    """The layout this config asks for, the checkpoint sha256 (model built on CPU once) and the ensemble's
+    root attributes (empty for one model)."""
     ck = checkpoint_path(cfg, run_dir)
     loaded = load_model(ck, torch.device("cpu"))
     layers = embed_layers(loaded.model, cfg.embed.layers)
     n_atoms = int(reader.natoms.sum()) if cfg.embed.per_atom else 0
+    ens = ensemble_members(cfg, run_dir)
     layout = st.Layout(n_materials=len(reader), shard_size=cfg.embed.shard_size,
                        hidden={layer: loaded.hidden for layer in layers}, poolings=list(cfg.embed.pooling),
                        prediction_size=loaded.output_features, per_atom=cfg.embed.per_atom,
-                       dtype=cfg.embed.dtype, n_atoms=n_atoms)
-    return layout, loaded.sha256
+                       dtype=cfg.embed.dtype, n_atoms=n_atoms, ensemble=ens.n if ens else 1)
+    return layout, loaded.sha256, ({"ensemble_info": ens.attrs()} if ens else {})
 
 
 def plan(cfg: PipelineConfig, run_dir: Path) -> int:
@@ -88,23 +94,34 @@ def plan(cfg: PipelineConfig, run_dir: Path) -> int:
     reader = _dataset(run_dir)
     if len(reader) == 0:
         raise EmbedError(f"{reader.path} holds no materials")
-    layout, sha = _layout(cfg, run_dir, reader)
+    layout, sha, ens_attrs = _layout(cfg, run_dir, reader)
     if layout.prediction_size != len(reader.energy):
         raise EmbedError(f"checkpoint {checkpoint_path(cfg, run_dir)} predicts {layout.prediction_size} values per "
                          f"material but {reader.path} has a grid of {len(reader.energy)} points; use the checkpoint "
                          f"trained on this dataset (or prepare the dataset on that model's grid)")
     attrs = {"checkpoint_sha256": sha, "checkpoint": str(checkpoint_path(cfg, run_dir)),
              "config": cfg.model_dump(mode="json"), "dataset": str(reader.path),
-             "grid": reader.attrs.get("grid"), "transform": reader.attrs.get("transform")}
+             "grid": reader.attrs.get("grid"), "transform": reader.attrs.get("transform"), **ens_attrs}
     created = st.create_store(path, layout, ids=reader.ids, index=np.arange(len(reader), dtype=np.int64),
                               attrs=attrs, natoms=reader.natoms, energy=reader.energy)
     if not created and st.open_root(path)["ids"][:].tolist() != reader.ids.tolist():
         raise st.EmbedStoreError(f"{path} was planned for other materials than {reader.path} now holds "
                                  f"(the dataset was re-prepared); delete {path} to extract again")
+    if not created:
+        _check_ensemble(path, dict(st.open_root(path).attrs), ens_attrs.get("ensemble_info"))
     if created:
         log.info("planned %s: %d materials, %d shards of %d, layers %s, poolings %s", path, layout.n_materials,
                  layout.n_shards, layout.shard_size, layout.layers, layout.poolings)
     return layout.n_shards
+
+
+def _check_ensemble(path: Path, attrs: dict, info: dict | None) -> None:
+    """Refuse to add shards of other ensemble members (or factors) to a store planned with these."""
+    have = attrs.get("ensemble_info")
+    keys = ("member_sha256", "recalibration_factor", "onset_recalibration_factor")
+    if (have or info) and (not have or not info or any(have.get(k) != info.get(k) for k in keys)):
+        raise st.EmbedStoreError(f"{path} holds predictions of another ensemble (members or recalibration factors "
+                                 f"differ from train/metrics.json now); refusing to mix. Delete {path} to extract again")
 
 
 def _loader(run_dir: Path, layout: st.Layout, shards: list[int], batch_size: int, num_workers: int,
@@ -133,6 +150,11 @@ def extract_shards(cfg: PipelineConfig, run_dir: Path, shards: list[int]) -> lis
         raise st.EmbedStoreError(
             f"{path} holds activations of checkpoint sha256 {attrs['checkpoint_sha256']}, but {loaded.path} has "
             f"sha256 {loaded.sha256}; refusing to mix two models in one store")
+    ens = ensemble_members(cfg, run_dir) if layout.ensemble > 1 else None
+    if layout.ensemble > 1:
+        _check_ensemble(path, attrs, ens.attrs() if ens else None)
+    others = [load_model(p, device) for p in ens.paths[1:]] if ens else []
+    data = _dataset(run_dir) if others else None  # grid, transform and onset threshold of the ensemble's onsets
     bs = cfg.embed.batch_size
     batches = iter(_loader(run_dir, layout, todo, bs, cfg.embed.num_workers, device.type == "cuda"))
     bf16 = use_bf16(cfg.embed, device)
@@ -142,7 +164,8 @@ def extract_shards(cfg: PipelineConfig, run_dir: Path, shards: list[int]) -> lis
         t0 = time.perf_counter()
         n_batches = -(-(rows.stop - rows.start) // bs)
         seen, result = extract(loaded, itertools.islice(batches, n_batches), layout.layers, layout.poolings,
-                               layout.per_atom, bf16)
+                               layout.per_atom, bf16, others=others, ensemble=ens,
+                               energy=data.energy if data else None, data_attrs=data.attrs if data else None)
         if not np.array_equal(seen, np.arange(rows.start, rows.stop)):
             raise EmbedError(f"shard {s}: the loader returned rows {seen.min()}..{seen.max()} ({seen.size}), "
                              f"expected {rows.start}..{rows.stop - 1} in order")
@@ -207,5 +230,12 @@ def verify(cfg: PipelineConfig, run_dir: Path) -> int:
         if sha != have:
             stale = True
             lines.insert(1, f"  stale: store was made from checkpoint sha256 {have}, {ck} now has {sha}")
+    info = st.open_root(path).attrs.get("ensemble_info")
+    if info and not stale:
+        try:
+            _check_ensemble(path, {"ensemble_info": info}, (e.attrs() if (e := ensemble_members(cfg, run_dir)) else None))
+        except st.EmbedStoreError as err:
+            stale = True
+            lines.insert(1, f"  stale: {err}")
     print("\n".join(lines))
     return 0 if report.ok and not stale else 1

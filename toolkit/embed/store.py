@@ -5,8 +5,11 @@ Layout (see docs/zarr.md, "## embeddings.zarr")::
     embeddings.zarr/  attrs {format, version, checkpoint_sha256, config, layers, hidden, poolings, per_atom,
                              dtype, n_materials, n_shards, shard_size, prediction_size, complete, ...}
       ids (N,) str; index (N,) int64 (row in dataset.zarr); energy (G,) float64 eV (when known)
-      prediction (N, G) float32
-      layers/<layer>/<pooling> (N, H) float32|float16
+      prediction (N, G) float32                 ensembles: the members' mean
+      prediction_std (N, G) float32             ensembles only: per-point std over members x recalibration factor
+      prediction_onset, prediction_onset_std, prediction_onset_low, prediction_onset_high (N,) float32 eV
+                                                ensembles only: onset with its ±2σ interval
+      layers/<layer>/<pooling> (N, H) float32|float16   (member 0's activations)
       layers/<layer>/atoms (A, H), layers/<layer>/atom_offset (N+1,) int64      (per_atom option)
       _progress/shard-00000        one completion record per finished shard (a Zarr group; record = its attrs)
       _staging/<layer>/shard-00000 per-atom rows of a finished shard until finalize compacts them
@@ -50,6 +53,8 @@ PROGRESS = "_progress"
 STAGING = "_staging"
 MAX_INNER_CHUNK = 256  # rows per inner chunk of the sharding codec (readers may fetch one inner chunk)
 COMPACTED = "atoms_compacted"  # root attribute: finalize copied every staged per-atom row into place
+#: ensembles: the onset of the ensemble prediction, its (recalibrated) std over members and the ±2σ interval
+ONSET_KEYS = ("prediction_onset", "prediction_onset_std", "prediction_onset_low", "prediction_onset_high")
 
 
 class EmbedStoreError(SpectrolensError, RuntimeError):
@@ -68,6 +73,7 @@ class Layout:
     per_atom: bool = False
     dtype: str = "float32"
     n_atoms: int = 0  # total atoms A (per_atom only)
+    ensemble: int = 1  # members whose mean is ``prediction`` (> 1: ``prediction_std`` and the onset interval too)
 
     @property
     def layers(self) -> list[str]:
@@ -92,6 +98,11 @@ class Layout:
         """Array paths of the pooled features, e.g. ``layers/gcn_4/mean``."""
         return [f"layers/{layer}/{pool}" for layer in self.hidden for pool in self.poolings]
 
+    def ensemble_keys(self) -> list[str]:
+        """Per-material arrays of an ensemble's uncertainty (none for one model): ``prediction_std`` (N, G)
+        and :data:`ONSET_KEYS` (N,)."""
+        return ["prediction_std", *ONSET_KEYS] if self.ensemble > 1 else []
+
     def compatibility_key(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items()}
 
@@ -101,11 +112,13 @@ class ShardResult:
     """Everything one worker computed for one shard, rows in store order.
 
     ``pooled[key]`` is (n, H) for each key of :meth:`Layout.pooled_keys`; ``prediction`` is (n, G);
-    ``atoms[layer]`` is (n_atoms_in_shard, H) (per_atom only)."""
+    ``atoms[layer]`` is (n_atoms_in_shard, H) (per_atom only); ``uncertainty[key]`` for each key of
+    :meth:`Layout.ensemble_keys` (ensembles only)."""
 
     pooled: dict[str, np.ndarray]
     prediction: np.ndarray
     atoms: dict[str, np.ndarray] = field(default_factory=dict)
+    uncertainty: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def store_path(run_dir: Path) -> Path:
@@ -133,7 +146,8 @@ def layout_from_attrs(attrs: dict) -> Layout:
     return Layout(n_materials=int(attrs["n_materials"]), shard_size=int(attrs["shard_size"]),
                   hidden={k: int(v) for k, v in attrs["hidden"].items()}, poolings=list(attrs["poolings"]),
                   prediction_size=int(attrs["prediction_size"]), per_atom=bool(attrs["per_atom"]),
-                  dtype=str(attrs["dtype"]), n_atoms=int(attrs.get("n_atoms", 0)))
+                  dtype=str(attrs["dtype"]), n_atoms=int(attrs.get("n_atoms", 0)),
+                  ensemble=int(attrs.get("ensemble", 1)))
 
 
 def create_store(path: Path, layout: Layout, ids: np.ndarray, index: np.ndarray, attrs: dict[str, Any],
@@ -173,6 +187,10 @@ def _create_store(path: Path, layout: Layout, ids: np.ndarray, index: np.ndarray
         _row_array(root, "index", n, None, "int64", s, ("material",), -1)
         root["index"][:] = np.asarray(index, dtype=np.int64)
         _row_array(root, "prediction", n, layout.prediction_size, "float32", s, ("material", "energy"), np.nan)
+        for key in layout.ensemble_keys():
+            width = layout.prediction_size if key == "prediction_std" else None
+            _row_array(root, key, n, width, "float32", s, ("material", "energy") if width else ("material",), np.nan)
+            root[key].attrs.update(_ENSEMBLE_ARRAY_ATTRS[key])
         if energy is not None:
             root.create_array("energy", data=np.asarray(energy, dtype=np.float64), dimension_names=("energy",))
             root["energy"].attrs["units"] = "eV"
@@ -201,6 +219,16 @@ def _create_store(path: Path, layout: Layout, ids: np.ndarray, index: np.ndarray
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+_ENSEMBLE_ARRAY_ATTRS = {
+    "prediction_std": {"meaning": "per-point standard deviation over the ensemble members (ddof=1) x the "
+                                  "recalibration factor of train/metrics.json (root attrs 'ensemble')"},
+    "prediction_onset": {"units": "eV", "meaning": "onset of the ensemble (toolkit.train.ensemble.summarize)"},
+    "prediction_onset_std": {"units": "eV", "meaning": "std of the members' onsets x the onset recalibration factor"},
+    "prediction_onset_low": {"units": "eV", "meaning": "prediction_onset - 2 prediction_onset_std"},
+    "prediction_onset_high": {"units": "eV", "meaning": "prediction_onset + 2 prediction_onset_std"},
+}
 
 
 def skeleton_complete(path: Path) -> bool:
@@ -238,7 +266,7 @@ def _layout_attrs(layout: Layout) -> dict[str, Any]:
     return {"layers": layout.layers, "hidden": dict(layout.hidden), "poolings": list(layout.poolings),
             "per_atom": layout.per_atom, "dtype": layout.dtype, "n_materials": layout.n_materials,
             "n_shards": layout.n_shards, "shard_size": layout.shard_size,
-            "prediction_size": layout.prediction_size, "n_atoms": layout.n_atoms}
+            "prediction_size": layout.prediction_size, "n_atoms": layout.n_atoms, "ensemble": layout.ensemble}
 
 
 def open_root(path: Path, mode: str = "r") -> zarr.Group:
@@ -356,6 +384,13 @@ def _write_shard(path: Path, shard: int, result: ShardResult, checkpoint_sha256:
         _check_shape(path, key, result.pooled[key], (n, layout.hidden[key.split("/")[1]]))
         root[key][rows] = result.pooled[key].astype(layout.dtype, copy=False)
     root["prediction"][rows] = result.prediction.astype(np.float32, copy=False)
+    for key in layout.ensemble_keys():
+        arr = result.uncertainty.get(key)
+        if arr is None:
+            raise EmbedStoreError(f"{path}: shard {shard} result lacks {key} (the store holds an ensemble's "
+                                  f"prediction of {layout.ensemble} members)")
+        _check_shape(path, key, arr, (n, layout.prediction_size) if key == "prediction_std" else (n,))
+        root[key][rows] = arr.astype(np.float32, copy=False)
     record = {"shard": shard, "rows": [rows.start, rows.stop], "checkpoint_sha256": checkpoint_sha256,
               "staging": [_staging_key(layer, shard) for layer in layout.atom_layers],
               "host": socket.gethostname(), "pid": os.getpid(), "finished": time.time(), **(extra or {})}
@@ -457,7 +492,7 @@ def verify_store(path: Path, max_examples: int = 5) -> VerifyReport:
     ids = root["ids"][:]
     uniq, counts = np.unique(ids, return_counts=True)
     dup = [str(x) for x in uniq[counts > 1]]
-    keys = ["prediction", *layout.pooled_keys()]
+    keys = ["prediction", *layout.ensemble_keys()[:1], *layout.pooled_keys()]  # onsets may be NaN (no crossing)
     bad: dict[str, list[str]] = {}
     bad_n: dict[str, int] = {}
     for s in sorted(done):

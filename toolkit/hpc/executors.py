@@ -11,6 +11,9 @@ SLURM: prepare and embed (every sharded stage, :mod:`toolkit.sharded`) are job a
 one writer per unit: :func:`toolkit.hpc.stages.array_task`, the same function local workers and MPI
 ranks run) followed by one small finalize job;
 train is one job of nodes x tasks_per_node ranks launched by srun (submitit), analyze one job.
+An ensemble (``train.ensemble: N`` > 1) trains its members concurrently: one job array of N tasks (task k
+trains member k into ``train/members/<k>``, one writer per member) when training is one rank, else N
+DDP jobs; then one job (afterok all of them) writes the ensemble report (:class:`toolkit.hpc.stages.TrainJob`).
 Each job depends ``afterok`` on the previous stage's last job and is submitted with
 ``--kill-on-invalid-dep=yes``, so a failure cancels its dependants instead of leaving them pending.
 Every submission gets a fresh submitit folder ``RUN_DIR/submitit/<stamp>/<stage>`` (SLURM job ids
@@ -167,6 +170,8 @@ class SlurmExecutor:
         jobs: list[dict[str, Any]] = []
         if stage in stages.SHARDED:
             jobs, last = self.submit_sharded(stage, res, after)
+        elif stage == "train" and cfg.train.ensemble > 1:
+            jobs, last = self.submit_ensemble(res, after)
         elif stage == "train":
             job = self._executor(stage, res, after, "ranks").submit(stages.train_job(cfg, run_dir))
             ntasks = world_size(res)
@@ -186,6 +191,26 @@ class SlurmExecutor:
                  ",".join(after) or "nothing")
         return rec, last
 
+
+    def submit_ensemble(self, res: StageResources, after: list[str]) -> tuple[list[dict[str, Any]], list[str]]:
+        """``train.ensemble: N``: the members as one array of N single-rank tasks (or N jobs of
+        ``world_size`` ranks), then one job, afterok all of them, that writes the ensemble report."""
+        cfg, run_dir, n = self.cfg, self.run_dir, self.cfg.train.ensemble
+        ntasks = world_size(res)
+        if ntasks == 1:
+            arr = self._executor("train", res, after, "array").map_array(stages.train_job(cfg, run_dir), range(n))
+            wait = [arr[0].job_id.split("_")[0]]
+            jobs = [{"role": "array", "job_id": wait[0], "members": list(range(n)),
+                     "tasks": [_task_record(j, k) for k, j in enumerate(arr)]}]
+        else:
+            ex = self._executor("train", res, after, "ranks")
+            member_jobs = [ex.submit(stages.TrainJob(cfg, run_dir, member=k)) for k in range(n)]
+            wait = [j.job_id for j in member_jobs]
+            jobs = [{"role": "ranks", "job_id": j.job_id, "member": k,
+                     "tasks": [_task_record(j.task(t), t) for t in range(ntasks)]} for k, j in enumerate(member_jobs)]
+        fin = self._executor("train", res, wait, "single").submit(stages.train_job(cfg, run_dir))
+        jobs.append({"role": "finalize", "job_id": fin.job_id, "tasks": [_task_record(fin, 0)]})
+        return jobs, [fin.job_id]
 
     def submit_sharded(self, stage: str, res: StageResources, after: list[str]) -> tuple[list[dict[str, Any]], list[str]]:
         """A sharded stage (by name or module path): an array of ``res.array_tasks`` tasks

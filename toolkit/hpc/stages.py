@@ -70,22 +70,29 @@ def finalize(stage: str, cfg: PipelineConfig, run_dir: Path) -> dict:
 class TrainJob(submitit.helpers.Checkpointable):
     """submitit entry point of training: ``executor.submit(TrainJob(cfg, run_dir))`` (one task per rank).
 
+    Ensembles under SLURM: ``executor.map_array(TrainJob(cfg, run_dir), range(N))`` trains member ``k`` in
+    array task ``k`` (``train.run(..., member=k)``), or ``TrainJob(cfg, run_dir, member=k)`` one DDP job per
+    member; then ``TrainJob(cfg, run_dir)`` (afterok) finds every member finished and writes the ensemble report.
+
     On a timeout/preemption signal the training loop saves a checkpoint at the next batch boundary,
     then calls submitit's handler, which requeues :meth:`checkpoint`'s DelayedSubmission; it resumes."""
 
-    def __init__(self, cfg: PipelineConfig, run_dir: Path | str) -> None:
+    def __init__(self, cfg: PipelineConfig, run_dir: Path | str, member: int | None = None) -> None:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
+        self.member = member
 
-    def __call__(self) -> dict:
+    def __call__(self, member: int | None = None) -> dict:
         from toolkit import train
 
-        return train.run(self.cfg, self.run_dir, extra_stop_signals=_submitit_signals())
+        m = self.member if member is None else member
+        return train.run(self.cfg, self.run_dir, extra_stop_signals=_submitit_signals(), member=m)
 
     def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
         """Called by submitit on timeout/preemption (after our loop saved last.pt): resubmit; it resumes."""
-        log.info("requeueing training of %s; it resumes from %s", self.run_dir, RunLayout(self.run_dir).last_checkpoint)
-        return submitit.helpers.DelayedSubmission(TrainJob(self.cfg, self.run_dir))
+        log.info("requeueing training of %s%s; it resumes from its last checkpoint", self.run_dir,
+                 "" if self.member is None and not args else f" (ensemble member {self.member if not args else args[0]})")
+        return submitit.helpers.DelayedSubmission(TrainJob(self.cfg, self.run_dir, self.member), *args, **kwargs)
 
 
 def _submitit_signals() -> tuple[int, ...]:

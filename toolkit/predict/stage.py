@@ -207,19 +207,15 @@ def predict_materials(materials: list, pred: Predictor, cfg: PipelineConfig, dev
             for a in range(0, n, step):
                 preds[k, a:a + step] = run_model(model, items[a:a + step], p.batch_size, dev, readout=False).spectrum
                 bar.update(min(step, n - a))
-    mean, std = E.mean_std(preds)
-    arrays: dict[str, np.ndarray] = {"spectrum": mean.astype(np.float32),
-                                     "spectrum_std": (std * pred.std_scale).astype(np.float32)}
+    summ = E.summarize(pred.energy, preds, pred.onset_threshold, pred.transform, pred.log_floor, pred.std_scale,
+                       pred.onset_std_scale)
+    mean = summ["mean"]
+    arrays: dict[str, np.ndarray] = {"spectrum": mean.astype(np.float32), "spectrum_std": summ["std"].astype(np.float32)}
     feats = spectrum_features(pred.energy, mean, pred) if n else {k: np.zeros(0) for k in
                                                                   ("onset", "edge_integral", "peak_1", "peak_2", "peak_3")}
-    onsets = E.member_onsets(pred.energy, preds, pred.onset_threshold, pred.transform, pred.log_floor) if n else \
-        np.zeros((mcount, 0))
-    ostd = (E.onset_spread(onsets) * pred.onset_std_scale) if n else np.zeros(0)
-    arrays["member_onset"] = onsets.reshape(mcount, n)
-    arrays["onset"] = np.asarray(feats["onset"], dtype=np.float64)
-    arrays["onset_std"] = ostd
-    arrays["onset_low"] = arrays["onset"] - 2 * ostd
-    arrays["onset_high"] = arrays["onset"] + 2 * ostd
+    arrays["member_onset"] = summ["member_onset"].reshape(mcount, n)
+    for k in ("onset", "onset_std", "onset_low", "onset_high"):  # the ensemble's onset: mean of the members' onsets
+        arrays[k] = np.asarray(summ[k], dtype=np.float64).reshape(n)
     for k in ("edge_integral", "peak_1", "peak_2", "peak_3"):
         arrays[k] = np.asarray(feats[k], dtype=np.float64)
     arrays["spectrum_std_mean"] = (np.nanmean(arrays["spectrum_std"], axis=1) if mcount > 1 and n

@@ -8,7 +8,9 @@ rank<k>.json (weights hash per rank); logs in ``RUN_DIR/logs/train/rank<k>.log``
 ``train.ensemble: N`` (> 1) trains N members one after another, member ``k`` with seed ``train.seed + k``
 into ``RUN_DIR/train/members/<k>/`` (the same files; each resumes on its own, finished ones are skipped),
 then writes the ensemble's metrics and calibration to ``train/metrics.json`` (:mod:`toolkit.train.ensemble`)
-and copies member 0's ``best.pt`` to ``train/best.pt``.
+and copies member 0's ``best.pt`` to ``train/best.pt``. ``run(..., member=k)`` trains member ``k`` alone
+(one unit of a SLURM array, one writer per member folder; log ``logs/train/member<k>-rank<r>.log``) and
+writes no ensemble report; a later ``run`` without ``member`` finds every member finished and writes it.
 
 On SIGUSR1/SIGTERM (plus any ``extra_stop_signals`` the launcher names, e.g. submitit's preemption
 signal) the loop saves a checkpoint at the next batch boundary, then hands the signal to the handler
@@ -80,11 +82,12 @@ def _chain_previous_handler(previous: dict, signum: int) -> None:
 
 
 def run(cfg: PipelineConfig, run_dir: Path, *, stop_after_epoch: int | None = None,
-        extra_stop_signals: tuple[int, ...] = ()) -> dict:
+        extra_stop_signals: tuple[int, ...] = (), member: int | None = None) -> dict:
     """Train (or resume, or skip a finished run). Returns the final metrics (rank 0) or ``{}``.
 
     ``stop_after_epoch``: checkpoint and return after this many completed epochs (time-sliced jobs, tests).
-    ``extra_stop_signals``: signals that also mean "checkpoint and stop" (the launcher's)."""
+    ``extra_stop_signals``: signals that also mean "checkpoint and stop" (the launcher's).
+    ``member``: ensembles only: train this member alone (its own metrics on rank 0), no ensemble report."""
     from toolkit.train.data import open_training_data
 
     run_dir = Path(run_dir)
@@ -93,7 +96,9 @@ def run(cfg: PipelineConfig, run_dir: Path, *, stop_after_epoch: int | None = No
     denv = D.discover()
     device = D.select_device(cfg.train.device, denv)
     backend = D.select_backend(cfg.train.dist_backend, device)
-    with task_log(run_dir, "train", f"rank{denv.rank}"):
+    if member is not None and not 0 <= member < cfg.train.ensemble:
+        raise ConfigError(f"ensemble member {member} does not exist: train.ensemble is {cfg.train.ensemble}")
+    with task_log(run_dir, "train", f"rank{denv.rank}" if member is None else f"member{member}-rank{denv.rank}"):
         if device.type == "cpu":
             threads, why = D.cpu_threads()
             torch.set_num_threads(threads)
@@ -115,7 +120,8 @@ def run(cfg: PipelineConfig, run_dir: Path, *, stop_after_epoch: int | None = No
         D.init_process_group(denv, backend, cfg.train.dist_timeout_minutes)
         try:
             if cfg.train.ensemble > 1:
-                return _train_ensemble(cfg, run_dir, denv, device, ds, split, stop_after_epoch, extra_stop_signals)
+                return _train_ensemble(cfg, run_dir, denv, device, ds, split, stop_after_epoch, extra_stop_signals,
+                                       member)
             return _train(cfg, run_dir, train_dir, denv, device, ds, split, stop_after_epoch, extra_stop_signals)[1]
         finally:
             D.destroy_process_group()
@@ -128,23 +134,29 @@ def member_config(cfg: PipelineConfig, k: int) -> PipelineConfig:
     return cfg.model_copy(update={"train": cfg.train.model_copy(update={"seed": member_seed(cfg.train.seed, k)})})
 
 
-def _train_ensemble(cfg, run_dir, denv, device, ds, split, stop_after_epoch, extra_stop_signals) -> dict:
+def _train_ensemble(cfg, run_dir, denv, device, ds, split, stop_after_epoch, extra_stop_signals,
+                    only: int | None = None) -> dict:
     """Members one after another in ``train/members/<k>/`` (each resumable on its own; finished ones are
     skipped), then (rank 0) the ensemble report: ``train/metrics.json`` with the ensemble's test metrics,
-    each member's, and the calibration; ``train/best.pt`` = member 0's (what embed loads)."""
+    each member's, and the calibration; ``train/best.pt`` = member 0's (what embed loads).
+    ``only``: train that member alone and return its metrics (no report)."""
     layout = RunLayout(run_dir)
     n = cfg.train.ensemble
-    for k in range(n):
+    for k in range(n) if only is None else [only]:
         mdir = layout.member_dir(k)
         if (mdir / "metrics.json").is_file() and (mdir / "best.pt").is_file():
             log.info("ensemble member %d/%d is finished (%s)", k + 1, n, mdir)
+            if only is not None:
+                return json.loads((mdir / "metrics.json").read_text()) if denv.is_main else {}
             continue
         log.info("ensemble member %d/%d: seed %d, %s", k + 1, n, member_config(cfg, k).train.seed, mdir)
         mdir.mkdir(parents=True, exist_ok=True)
-        finished, _ = _train(member_config(cfg, k), run_dir, mdir, denv, device, ds, split, stop_after_epoch,
-                             extra_stop_signals)
+        finished, got = _train(member_config(cfg, k), run_dir, mdir, denv, device, ds, split, stop_after_epoch,
+                               extra_stop_signals)
         if not finished:
             return {}
+        if only is not None:
+            return got
     out: dict = {}
     if denv.is_main:
         out = _ensemble_report(cfg, run_dir, device, ds, split)

@@ -43,6 +43,14 @@ def onset_metrics(energy: np.ndarray, pred: np.ndarray, target: np.ndarray, thre
     pred_masked = np.where(np.isfinite(target), pred, np.nan)
     on_pred = np.atleast_1d(onset_energy(energy, pred_masked, threshold))
     on_true = np.atleast_1d(onset_energy(energy, target, threshold))
+    return {"onset_pred": on_pred, "onset_true": on_true, **onset_scores(on_pred, on_true)}
+
+
+def onset_scores(on_pred: np.ndarray, on_true: np.ndarray) -> dict:
+    """R^2 and MAE (eV) of predicted onsets over the materials where both onsets exist, and the counts."""
+    # lazy (with scipy): keeps `import toolkit.train` light
+    from sklearn.metrics import r2_score
+
     ok = np.isfinite(on_pred) & np.isfinite(on_true)
     n_ok = int(ok.sum())
     r2 = float(r2_score(on_true[ok], on_pred[ok])) if n_ok >= 2 else float("nan")
