@@ -67,7 +67,7 @@ start() {
   DIR=$(cd "$DIR" && pwd)
   local host cpus mem_mb ctld_port slurmd_port dbd_port db_port
   host=$(hostname -s)
-  cpus=$(nproc)
+  cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)  # nproc obeys OMP_NUM_THREADS: the node's CPUs, not a thread cap
   mem_mb=$(awk '/MemTotal/ {print int($2 / 1024 * 0.8)}' /proc/meminfo)
   ctld_port=$(free_port); slurmd_port=$(free_port); dbd_port=$(free_port); db_port=$(free_port)
 

@@ -62,10 +62,11 @@ def descriptor_blocks_task(dataset: str, cdir: str, coordination: str, b0: int, 
     (blocks computed, {descriptor name: materials that have it}) over all the task's blocks."""
     from threadpoolctl import threadpool_limits
 
-    from toolkit.analyze.descriptors import _block_worker, _save_block, _single_threaded
+    from toolkit.analyze.descriptors import _block_worker, _save_block
     from toolkit.data.store import DatasetReader
 
-    _single_threaded()
+    # one BLAS thread inside the task only: the task may run in the calling process (no client), whose
+    # environment and thread pools must stay as they were (workers get OMP_NUM_THREADS=1 from the engine)
     reader = DatasetReader(dataset, cache_parts=2)
     n = len(reader)
     cpath = Path(cdir)
