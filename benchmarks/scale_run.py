@@ -18,8 +18,9 @@ Steps (all under ``--work-dir``, default ``/tmp/spectrolens-scale-<n>``):
 ``--analyze-engine dask`` runs analyze on a Dask LocalCluster of ``--workers`` processes (docs/dask.md);
 each stage record also has the peak RSS of its largest single process (the analyze driver or one
 worker). ``--dask-analyze`` measures only analyze's chunked passes (feature statistics, micro-clusters
-+ Ward, per-cluster sufficient statistics) on synthetic Zarr stores of ``--n`` materials, with the peak
-RSS of the driver and of each Dask worker (docs/performance.md, "Analyze on Dask"):
++ Ward, per-cluster sufficient statistics) and the stage's spectra steps on a lazy view of the predicted
+spectra (sampled signatures, chunked predicted descriptors: ``toolkit.analyze.lazy``) on synthetic Zarr
+stores of ``--n`` materials, with the peak RSS of the driver and of each Dask worker (docs/performance.md, "Analyze on Dask"):
 
     python benchmarks/scale_run.py --dask-analyze --n 1000000 --json benchmarks/results/dask_analyze_1e6.json
 
@@ -276,7 +277,10 @@ def dask_analyze(args: argparse.Namespace) -> int:
     import resource
 
     from toolkit.analyze.clustering import cluster, use_chunk_map
+    from toolkit.analyze.attribution import spectral_signature
     from toolkit.analyze.dask_steps import cluster_moments, fisher_tables, save_labels
+    from toolkit.analyze.descriptors import DescriptorTable, add_spectral
+    from toolkit.analyze.lazy import Spectra
 
     n, chunk = args.n, args.chunk_rows
     work = (args.work_dir or Path(f"/tmp/spectrolens-dask-analyze-{n}")).resolve()
@@ -315,6 +319,15 @@ def dask_analyze(args: argparse.Namespace) -> int:
         t = time.perf_counter()
         tables = fisher_tables(cluster_moments(desc, lab, res.n_clusters, chunk), names)
         steps["enrichment 2x2 tables (categorical)"] = time.perf_counter() - t
+        # the stage's own spectra steps on a lazy view of the predicted spectra (never held whole in the driver)
+        view, energy = Spectra(pred), np.linspace(0.0, 15.0, args.grid)
+        t = time.perf_counter()
+        stage_sig = spectral_signature(res.labels, energy, None, view, None, seed=0)
+        steps["stage spectral signatures (sampled bands, lazy view)"] = time.perf_counter() - t
+        t = time.perf_counter()
+        feats = add_spectral(DescriptorTable(np.arange(n).astype(str).tolist(), [], np.zeros((n, 0)), []),
+                             energy, view, prefix="pred:")
+        steps["stage predicted spectral descriptors (chunks, lazy view)"] = time.perf_counter() - t
     if client is not None:
         client.close()
         cluster_.close()
@@ -332,6 +345,11 @@ def dask_analyze(args: argparse.Namespace) -> int:
               "driver_ru_maxrss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
               "tasks": mapper.tasks if mapper is not None else 0, "generate_s": round(gen_s, 1),
               "signature_finite": bool(np.isfinite(sig["mean"]).all()), "fisher_columns": len(tables),
+              "stage_signature_clusters": len(stage_sig),
+              "stage_signature_max_abs_diff_vs_exact_mean": float(np.nanmax(np.abs(np.stack(
+                  [stage_sig[c]["predicted"]["mean"] for c in sorted(stage_sig)]) - sig["mean"]))),
+              "pred_onset_defined": float(np.isfinite(feats.column("pred:onset")).mean()),
+              "spectra_bytes_whole": n * args.grid * 4,
               "load_avg": os.getloadavg()[0]}
     emit("scale_run_dask_analyze", rows, params, args.json)
     return 0

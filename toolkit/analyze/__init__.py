@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 # constants and benchmark_recovery are re-exported: they were defined here before the split into steps
+from toolkit.analyze.lazy import Spectra
 from toolkit.analyze.steps import (FIGURES, FIT_MAX, MIN_CLUSTER_FOR_RECOVERY, PREDICTED, REFERENCE,  # noqa: F401
                                    SPECTRUM_STEP, LayerResult, analyze_layer, assemble_attribution,
                                    benchmark_recovery, onset_of, write_comparison_figure, write_layer_figures)
@@ -76,7 +77,7 @@ def _dataset_hash(reader) -> str:
     return dataset_hash({"n": len(reader), "parts": [part_attrs(reader.path, p).get("checksum") for p in range(reader.n_parts)]})
 
 
-def descriptors_for(cfg, run_dir: Path, reader, rows: np.ndarray, predicted: np.ndarray | None):
+def descriptors_for(cfg, run_dir: Path, reader, rows: np.ndarray, predicted: Any):
     """Descriptor table of dataset rows ``rows`` (cached per dataset), with reference and predicted
     spectral descriptors appended."""
     from toolkit.analyze.descriptors import DescriptorTable, add_spectral, build_table, structural_descriptors
@@ -105,10 +106,7 @@ def descriptors_for(cfg, run_dir: Path, reader, rows: np.ndarray, predicted: np.
 
     spec = spec_of(reader)
     if spec.kind != "absorption":  # features of other targets (toolkit.data.targets), reference and predicted
-        has = reader.has_spectrum[rows]
-        ref = np.full((len(rows), spec.n_outputs), np.nan)
-        if has.any():
-            ref[has] = reader.column("spectrum", rows[has])
+        ref = Spectra(reader, np.where(reader.has_spectrum[rows], rows, -1), spec.n_outputs)
         table = add_spectral(table, reader.energy, ref, spec=spec)
         table = add_spectral(table, reader.energy, predicted, prefix="pred:", spec=spec)
         return table, {"dataset_hash": h, "coordination": coord, "blocks_computed": computed}
@@ -161,10 +159,10 @@ def _layers(cfg, emb, any_spectrum: bool = True) -> list[str]:
     return list(want)
 
 
-def _features(name: str, cfg, emb, reference: np.ndarray | None, has_spec: np.ndarray):
+def _features(name: str, cfg, emb, reference: Any, has_spec: np.ndarray):
     """(feature array-like, mask of population rows it covers)."""
     if name == REFERENCE:
-        return reference[has_spec], has_spec
+        return Spectra.of(reference).subset(has_spec), has_spec
     if name == PREDICTED:
         return emb["prediction"], np.ones(len(has_spec), bool)
     key = f"layers/{name}/{cfg.analyze.pooling}"
@@ -184,14 +182,19 @@ class Inputs:
     ids: list[str]
     has_spec: np.ndarray
     energy: np.ndarray
-    reference: np.ndarray | None  # (N, G) float32 reference spectra (NaN = masked / none); None if no material has one
-    predicted: np.ndarray | None  # (N, G) float32 model predictions
+    # (N, G) spectra as lazy row views (toolkit.analyze.lazy.Spectra: read in chunks, never held whole)
+    reference: Spectra | None  # reference spectra (NaN = masked / none); None if no material has one
+    predicted: Spectra | None  # model predictions
     table: Any  # DescriptorTable
     dinfo: dict[str, Any]
     # ensembles (embeddings.zarr prediction_std, toolkit.embed): per-point recalibrated σ (N, G), and the onset
     # interval {onset, onset_std, onset_low, onset_high} (N,) each; None for one model
-    predicted_std: np.ndarray | None = None
+    predicted_std: Spectra | None = None
     predicted_onset: dict[str, np.ndarray] | None = None
+
+    def __post_init__(self):  # spectra as lazy row views (arrays given by tests and callers are wrapped)
+        self.reference, self.predicted = Spectra.of(self.reference), Spectra.of(self.predicted)
+        self.predicted_std = Spectra.of(self.predicted_std)
 
 
 def load_inputs(cfg, run_dir: Path) -> Inputs:
@@ -207,13 +210,11 @@ def load_inputs(cfg, run_dir: Path) -> Inputs:
     else:
         log.warning("analyze: %s has no embeddings.zarr; analysing the reference spectra only", run_dir)
         rows = np.arange(len(reader), dtype=np.int64)
-    predicted = np.asarray(emb["prediction"][:], dtype=np.float32) if emb is not None else None
+    # the spectra stay where they are (toolkit.analyze.lazy): each step reads the rows it needs, in chunks
+    predicted = Spectra(emb["prediction"]) if emb is not None else None
     table, dinfo = descriptors_for(cfg, run_dir, reader, rows, predicted)
     has_spec = reader.has_spectrum[rows]
-    reference = None
-    if has_spec.any():  # read only the rows that have a spectrum
-        reference = np.full((len(rows), len(reader.energy)), np.nan, dtype=np.float32)
-        reference[has_spec] = reader.column("spectrum", rows[has_spec])
+    reference = Spectra(reader, np.where(has_spec, rows, -1)) if has_spec.any() else None
     return Inputs(run_dir, reader, emb, rows, [str(x) for x in reader.ids[rows]], has_spec,
                   reader.energy, reference, predicted, table, dinfo, *_ensemble_uncertainty(emb))
 
@@ -225,7 +226,7 @@ def _ensemble_uncertainty(emb) -> tuple[np.ndarray | None, dict[str, np.ndarray]
     if emb is None or "prediction_std" not in emb:
         return None, None
     onset = {k.removeprefix("prediction_"): np.asarray(emb[k][:], dtype=np.float64) for k in ONSET_KEYS if k in emb}
-    return np.asarray(emb["prediction_std"][:], dtype=np.float32), (onset if len(onset) == len(ONSET_KEYS) else None)
+    return Spectra(emb["prediction_std"]), (onset if len(onset) == len(ONSET_KEYS) else None)
 
 
 def run(cfg, run_dir: Path) -> dict[str, Any]:
@@ -399,7 +400,7 @@ def _experiment(cfg, inp: Inputs, formulas) -> str | None:
         return None
     attrs = inp.reader.attrs
     pred_onset = inp.table.column("pred:onset") if "pred:onset" in inp.table.names else None
-    comp = compare_spectra([str(i) for i in inp.ids], [str(f) for f in formulas], inp.energy, np.asarray(inp.predicted),
+    comp = compare_spectra([str(i) for i in inp.ids], [str(f) for f in formulas], inp.energy, inp.predicted,
                            ref, onset=pred_onset if pred_onset is not None else np.full(len(inp.ids), np.nan),
                            transform=attrs.get("transform", "log10_alpha"),
                            log_floor=float(attrs.get("log_floor", cfg.data.log_floor)),

@@ -261,6 +261,8 @@ def _permutation_balanced_accuracy(clf, x: np.ndarray, y: np.ndarray, repeats: i
 
 
 SIGNATURE_MAX = 20_000  # spectra per cluster used for the spectral signature (a seeded sample above)
+SIGNATURE_TOTAL = 200_000  # ... and per clustering: the cap per cluster is lowered to this / clusters
+SIGNATURE_MIN = 2_000  # ... but never below this
 
 
 def _nanpercentiles(s: np.ndarray, qs: tuple[float, ...]) -> list[np.ndarray]:
@@ -281,14 +283,18 @@ def _nanpercentiles(s: np.ndarray, qs: tuple[float, ...]) -> list[np.ndarray]:
     return out
 
 
-def spectral_signature(labels: np.ndarray, energy: np.ndarray, reference: np.ndarray | None,
-                       predicted: np.ndarray | None, onset: np.ndarray | None, seed: int = 0,
-                       predicted_std: np.ndarray | None = None,
+def spectral_signature(labels: np.ndarray, energy: np.ndarray, reference: Any, predicted: Any,
+                       onset: np.ndarray | None, seed: int = 0, predicted_std: Any = None,
                        predicted_onset: dict[str, np.ndarray] | None = None) -> dict[int, dict]:
     """Per cluster: mean and 10/90 % percentile band of reference and predicted spectra (log10 α on
-    the energy grid, NaN-aware), and the onset distribution (eV). Clusters larger than
-    ``SIGNATURE_MAX`` use a seeded random sample of that many members for the spectra (recorded as
-    ``spectra_sampled``), which bounds the memory at 20,000 x grid float64 per cluster.
+    the energy grid, NaN-aware), and the onset distribution (eV). ``reference``/``predicted``/
+    ``predicted_std``: (N, G) arrays or lazy row views (:class:`toolkit.analyze.lazy.Spectra`), read once
+    each, for the union of the clusters' samples only. A cluster larger than its cap uses a seeded random
+    sample of that many members for the spectra (recorded as ``spectra_sampled``): the cap is
+    ``SIGNATURE_MAX``, lowered to ``SIGNATURE_TOTAL / clusters`` (at least ``SIGNATURE_MIN``) so that one
+    clustering reads at most ~``SIGNATURE_TOTAL`` spectra whatever N. Sampling error of a sampled
+    cluster's mean at one grid point: its standard deviation / sqrt(cap); of a percentile: sqrt(p(1-p)/cap)
+    in rank (p = 0.1 and cap = 6,667 (30 clusters): 0.4 percentage points).
 
     Ensembles: ``predicted_std`` (N, G), the members' recalibrated per-point σ, gives ``predicted.sigma``
     (the cluster's mean σ per point: the ±2σ band of its predicted spectrum); ``predicted_onset``
@@ -296,23 +302,17 @@ def spectral_signature(labels: np.ndarray, energy: np.ndarray, reference: np.nda
     cluster means of the ensemble onset, its σ and its ±2σ interval ends."""
     out: dict[int, dict] = {}
     rng = np.random.default_rng(seed)
-    for c in np.unique(labels):
+    clusters = np.unique(labels)
+    cap = min(SIGNATURE_MAX, max(SIGNATURE_MIN, SIGNATURE_TOTAL // max(len(clusters), 1)))
+    sample: dict[int, np.ndarray] = {}
+    for c in clusters:
         m = labels == c
         sig: dict[str, Any] = {"size": int(m.sum())}
         rows = np.flatnonzero(m)
-        if len(rows) > SIGNATURE_MAX:
-            rows = np.sort(rng.choice(rows, size=SIGNATURE_MAX, replace=False))
-            sig["spectra_sampled"] = SIGNATURE_MAX
-        for key, spec in (("reference", reference), ("predicted", predicted)):
-            if spec is None:
-                continue
-            s = np.asarray(spec[rows], dtype=np.float64)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                p10, p90 = _nanpercentiles(s, (10, 90))
-                sig[key] = {"mean": np.nanmean(s, 0), "std": np.nanstd(s, 0), "p10": p10, "p90": p90}
-                if key == "predicted" and predicted_std is not None:
-                    sig[key]["sigma"] = np.nanmean(np.asarray(predicted_std[rows], dtype=np.float64), 0)
+        if len(rows) > cap:
+            rows = np.sort(rng.choice(rows, size=cap, replace=False))
+            sig["spectra_sampled"] = cap
+        sample[int(c)] = rows
         if predicted_onset is not None:
             po = {k: np.asarray(v, dtype=np.float64)[m] for k, v in predicted_onset.items()}
             ok = np.isfinite(po["onset"]) & np.isfinite(po["onset_std"])
@@ -325,6 +325,22 @@ def spectral_signature(labels: np.ndarray, energy: np.ndarray, reference: np.nda
                              "median": float(np.median(o)), "q25": float(np.percentile(o, 25)),
                              "q75": float(np.percentile(o, 75))} if o.size else {"n": 0})
         out[int(c)] = sig
+    union = np.unique(np.concatenate(list(sample.values()))) if sample else np.zeros(0, np.int64)
+    pos = {c: np.searchsorted(union, r) for c, r in sample.items()}
+    for key, spec in (("reference", reference), ("predicted", predicted), ("sigma", predicted_std)):
+        if spec is None or (key == "sigma" and predicted is None):
+            continue
+        block = spec[union]  # one read of the sampled rows (a pass over the source's chunks when lazy)
+        for c, p in pos.items():
+            s = np.asarray(block[p], dtype=np.float64)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                if key == "sigma":
+                    out[c]["predicted"]["sigma"] = np.nanmean(s, 0)
+                    continue
+                p10, p90 = _nanpercentiles(s, (10, 90))
+                out[c][key] = {"mean": np.nanmean(s, 0), "std": np.nanstd(s, 0), "p10": p10, "p90": p90}
+        del block
     return out
 
 

@@ -632,13 +632,17 @@ def add_spectral(table: DescriptorTable, energy: np.ndarray, spectra: np.ndarray
     fails = list(table.failures)
     if spectra is None:
         fails.extend((i, f"{prefix}spectrum", "no spectrum available") for i in table.ids)
-    else:
-        rows = np.asarray(spectra, dtype=np.float64)
-        some = np.isfinite(rows).any(axis=1)
+    else:  # in chunks of rows: ``spectra`` may be a lazy view (toolkit.analyze.lazy.Spectra) of 10^7 rows
+        from toolkit.analyze.clustering import chunk_rows
+
+        some, step = np.zeros(n, dtype=bool), chunk_rows()
+        for a in range(0, n, step):
+            rows = np.asarray(spectra[a:a + step], dtype=np.float64)
+            ok = some[a:a + len(rows)] = np.isfinite(rows).any(axis=1)
+            if ok.any():
+                got = spec.features(energy, rows[ok])
+                new[a:a + len(rows)][ok] = np.column_stack([got[f] for f in feats])
         fails.extend((table.ids[i], f"{prefix}spectrum", "spectrum entirely masked") for i in np.flatnonzero(~some))
-        if some.any():
-            got = spec.features(energy, rows[some])
-            new[some] = np.column_stack([got[f] for f in feats])
         for j, name in enumerate(feats):
             fails.extend((table.ids[i], prefix + name, "not defined for this spectrum (no threshold crossing / peak)")
                          for i in np.flatnonzero(some & ~np.isfinite(new[:, j])))

@@ -132,19 +132,20 @@ def map_data(layer: str, ids: Any, formulas: Any, coords: np.ndarray, labels: np
 def from_layer(lr: Any, inp: Any, formulas: np.ndarray, *, max_points: int = MAX_POINTS, seed: int = 0) -> dict | None:
     """:func:`map_data` of a :class:`toolkit.analyze.steps.LayerResult` with the analysis
     :class:`toolkit.analyze.Inputs` (``formulas``: one per population row); None without coordinates."""
+    from toolkit.analyze.lazy import rows_of
+
     res = lr.clustering
     if res.coords is None:
         return None
     m = lr.mask
     ids = np.asarray(inp.ids)[m]
-    ref = inp.reference[m] if inp.reference is not None else None
-    pred = inp.predicted[m] if inp.predicted is not None else None
+    ref, pred = rows_of(inp.reference, m), rows_of(inp.predicted, m)  # lazy views: map_data reads its points' rows
     pstd = getattr(inp, "predicted_std", None)  # ensembles: the ±2σ band of the click panel
     return map_data(lr.name, ids, np.asarray(formulas)[m], res.coords, res.labels,
                     descriptor_columns(inp.table, np.flatnonzero(m)), inp.energy, ref, pred,
                     transform=str(inp.reader.attrs.get("transform", "log10_alpha")) if hasattr(inp.reader, "attrs") else "log10_alpha",
                     max_points=max_points, seed=seed, projection=str(res.preprocessing.get("map", "pca")),
-                    predicted_std=pstd[m] if pstd is not None else None)
+                    predicted_std=rows_of(pstd, m))
 
 
 def _file(directory: Path, layer: str) -> Path:

@@ -92,6 +92,7 @@ def analyze_layer(cfg, inp: Inputs, name: str, x: Any, mask: np.ndarray, names: 
     from toolkit.analyze import probes as prb
     from toolkit.analyze.clustering import cluster
     from toolkit.analyze.descriptors import DescriptorTable
+    from toolkit.analyze.lazy import rows_of
 
     a = cfg.analyze
     if mask.sum() < 3:
@@ -119,9 +120,8 @@ def analyze_layer(cfg, inp: Inputs, name: str, x: Any, mask: np.ndarray, names: 
     fit_sub = DescriptorTable([sub.ids[i] for i in fit_rows], sub.names, sub.values[fit_rows], [])
     surrogate = attr.surrogate_importance(res.labels[fit_rows], fit_sub, cand[:60], a.permutation_repeats, a.seed)
     unc = getattr(inp, "predicted_std", None), getattr(inp, "predicted_onset", None)  # ensembles only
-    sig = attr.spectral_signature(res.labels, inp.energy, inp.reference[mask] if inp.reference is not None else None,
-                                  inp.predicted[mask] if inp.predicted is not None else None, onset_of(table)[mask],
-                                  predicted_std=unc[0][mask] if unc[0] is not None else None,
+    sig = attr.spectral_signature(res.labels, inp.energy, rows_of(inp.reference, mask), rows_of(inp.predicted, mask),
+                                  onset_of(table)[mask], predicted_std=rows_of(unc[0], mask),
                                   predicted_onset={k: v[mask] for k, v in unc[1].items()} if unc[1] else None)
     elements = attr.element_enrichment(res.labels, sub)
     feats = np.asarray(x.oindex[fit_rows] if hasattr(x, "oindex") else x[fit_rows], dtype=np.float32)

@@ -63,11 +63,14 @@ def compare_spectra(ids: list[str], formulas: list[str], energy: np.ndarray, spe
     matched = match_references(list(formulas), refs) if n else {}
     rows: list[dict] = []
     curves: dict[int, list] = {}
-    for i in range(n):
-        for ref in matched.get(formulas[i], []):
+    hit = np.array([i for i in range(n) if matched.get(formulas[i])], dtype=np.int64)
+    # the matched rows only, in one read: ``spectrum`` may be a lazy view of millions (toolkit.analyze.lazy)
+    pred = dict(zip(hit.tolist(), np.asarray(spectrum[hit], dtype=np.float64))) if len(hit) else {}
+    for i in hit.tolist():
+        for ref in matched[formulas[i]]:
             y_ref = apply_transform(ref.alpha, transform, log_floor)
             on_grid = resample(ref.energy, y_ref, energy)
-            ok = np.isfinite(on_grid) & np.isfinite(spectrum[i])
+            ok = np.isfinite(on_grid) & np.isfinite(pred[i])
             m_on = onset_energy(energy, to_log10(on_grid, transform, log_floor), threshold)
             note = ""
             if not ok.any():
@@ -85,12 +88,12 @@ def compare_spectra(ids: list[str], formulas: list[str], energy: np.ndarray, spe
                          "overlap_max_eV": float(ov[-1]) if ov.size else float("nan"), "overlap_points": int(ok.sum()),
                          "onset_pred_eV": _f(onset[i]), "onset_low_eV": _f(lo[i]), "onset_high_eV": _f(hi[i]),
                          "onset_measured_eV": _f(m_on), "onset_diff_eV": _f(onset[i]) - _f(m_on),
-                         "spectrum_mae": float(np.mean(np.abs(spectrum[i][ok] - on_grid[ok]))) if ok.any() else float("nan"),
+                         "spectrum_mae": float(np.mean(np.abs(pred[i][ok] - on_grid[ok]))) if ok.any() else float("nan"),
                          "note": note})
             curves.setdefault(i, []).append((ref, y_ref, m_on))
     figs: list[tuple[str, bytes]] = []
     for i, refs_i in curves.items():
-        figs.append((ids[i], _figure(energy, spectrum[i], None if spectrum_std is None else spectrum_std[i],
+        figs.append((ids[i], _figure(energy, pred[i], None if spectrum_std is None else spectrum_std[i],
                                      _f(onset[i]), ids[i], formulas[i], refs_i, transform, threshold)))
     comp = Comparison(rows=rows, html=_html(rows, figs, title, len(refs)), n_references=len(refs),
                       unmatched_formulas=sorted({f for f in formulas if f not in matched}))
