@@ -59,6 +59,7 @@ def test_views_read_only_the_rows_asked_for_and_equal_the_array(store):
     np.testing.assert_array_equal(s[mask], x[mask])
     np.testing.assert_array_equal(s[idx, ::3], x[idx, ::3])
     np.testing.assert_array_equal(s[5], x[5])
+    np.testing.assert_array_equal(s[idx, np.array([0, 4])], x[idx][:, [0, 4]])  # an index array of columns
     sub = s.subset(mask)  # a view of a view: composed row maps, still nothing read
     before = src.read
     assert sub.shape == (int(mask.sum()), 11) and src.read == before

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 # constants and benchmark_recovery are re-exported: they were defined here before the split into steps
-from toolkit.analyze.lazy import Spectra
+from toolkit.analyze.lazy import Spectra, rows_of
 from toolkit.analyze.steps import (FIGURES, FIT_MAX, MIN_CLUSTER_FOR_RECOVERY, PREDICTED, REFERENCE,  # noqa: F401
                                    SPECTRUM_STEP, LayerResult, analyze_layer, assemble_attribution,
                                    benchmark_recovery, onset_of, write_comparison_figure, write_layer_figures)
@@ -162,7 +162,7 @@ def _layers(cfg, emb, any_spectrum: bool = True) -> list[str]:
 def _features(name: str, cfg, emb, reference: Any, has_spec: np.ndarray):
     """(feature array-like, mask of population rows it covers)."""
     if name == REFERENCE:
-        return Spectra.of(reference).subset(has_spec), has_spec
+        return rows_of(reference, has_spec), has_spec
     if name == PREDICTED:
         return emb["prediction"], np.ones(len(has_spec), bool)
     key = f"layers/{name}/{cfg.analyze.pooling}"

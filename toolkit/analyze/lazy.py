@@ -47,18 +47,10 @@ class Spectra:
         return Spectra(self.source, self.rows[key], self.shape[1])
 
     def __getitem__(self, key: Any) -> np.ndarray:
-        cols = slice(None)
-        if isinstance(key, tuple):
-            key, cols = key
-        if isinstance(key, slice):
-            src = self.rows[key]
-        else:
-            k = np.asarray(key)
-            src = self.rows[k] if k.dtype == bool or k.ndim else self.rows[[int(k)]]
-        out = self._take(src)
-        if not isinstance(key, (slice, np.ndarray, list)) and np.ndim(key) == 0:
-            out = out[0]
-        return out[..., cols] if cols != slice(None) else out
+        key, cols = key if isinstance(key, tuple) else (key, slice(None))
+        scalar = not isinstance(key, slice) and np.ndim(key) == 0  # one row: returned as (G,)
+        out = self._take(self.rows[[int(key)]] if scalar else self.rows[key])[:, cols]
+        return out[0] if scalar else out
 
     def __array__(self, dtype=None, copy=None):  # np.asarray(spec): every row (small inputs, tests)
         out = self[:]
