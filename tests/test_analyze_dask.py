@@ -64,11 +64,17 @@ def test_dask_local_cluster_matches_single_process(embedded, caplog):
     local_run, dask_run = root / "local", root / "dask"
     shutil.copytree(run, local_run)
     shutil.copytree(run, dask_run)
-    res_local = analyze.run(_cfg(root), local_run)
+    res_local = analyze.run(_cfg(root, drivers=True), local_run)
     with caplog.at_level("INFO", logger="toolkit.analyze.engine"):
-        res_dask = analyze.run(_cfg(root, engine="dask", dask_cluster="local", dask_workers=2), dask_run)
-    tasks = [r.getMessage() for r in caplog.records if "chunk tasks ran on Dask" in r.getMessage()]
-    assert tasks and int(tasks[0].split()[1]) > 0, "the clustering's chunked passes did not run as Dask tasks"
+        res_dask = analyze.run(_cfg(root, drivers=True, engine="dask", dask_cluster="local", dask_workers=2), dask_run)
+    # whole steps as tasks: both layers' clusterings (side by side, their chunked passes as tasks of their
+    # own on both workers) and every spectral feature's driver ranking
+    steps = [r.getMessage().split() for r in caplog.records if "ran as a Dask task" in r.getMessage()]
+    clusterings = [int(m[m.index("chunk") - 1].lstrip("(")) for m in steps if m[2] == "cluster"]
+    assert len(clusterings) == 2 and min(clusterings) > 0, steps
+    assert [m[2] for m in steps].count("feature_drivers") == sum(1 for d in res_local["drivers"].values()
+                                                                  if d["model"]), steps
+    assert res_local["drivers"] == res_dask["drivers"]
 
     a, b = _clusters(local_run), _clusters(dask_run)
     assert set(a) == set(b) == {"readout", "spectrum_predicted"}

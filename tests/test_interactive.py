@@ -188,6 +188,34 @@ def test_chemiscope_file_loads_with_chemiscope(run_dir):
     assert data["settings"]["map"]["x"]["property"] == "gcn_1 PC1"
 
 
+def test_chemiscope_file_samples_per_cluster_above_its_limit(run_dir, tmp_path):
+    """Above analyze.chemiscope_max_materials the file holds a seeded sample per cluster of the first model
+    layer (every cluster keeps its share), the right structures and coordinates, and says it is a sample."""
+    chemiscope = pytest.importorskip("chemiscope")
+    from toolkit.analyze import attribution, chemiscope_export, probes
+    from toolkit.analyze.steps import analyze_layer
+
+    cfg = load_config(None, {"analyze": {"workers": 1, "permutation_repeats": 1, "probe_folds": 3, "max_clusters": 6,
+                                         "layers": LAYERS, "drivers": False}})
+    inp = analyze.load_inputs(cfg, run_dir)
+    names, _ = attribution.dedupe_categorical(inp.table)
+    x, mask = analyze._features("gcn_1", cfg, inp.emb, inp.reference, inp.has_spec)
+    lr = analyze_layer(cfg, inp, "gcn_1", x, mask, names, probes.probe_targets(inp.table))
+    formulas = inp.reader.column("formula", inp.rows)
+    path = chemiscope_export.write(tmp_path / "c.json.gz", inp, [lr], formulas, max_materials=24, seed=0)
+    data = json.loads(chemiscope.show_input(str(path), cache_structures=False).value)
+    got = data["properties"]["id"]["values"]
+    pos = [inp.ids.index(i) for i in got]
+    assert pos == sorted(set(pos)) and 24 <= len(got) <= 24 + lr.clustering.n_clusters
+    assert f"{len(got)} of the {N} materials" in data["meta"]["description"]
+    sizes = np.bincount(lr.labels, minlength=lr.clustering.n_clusters)
+    shown = np.bincount(lr.labels[pos], minlength=lr.clustering.n_clusters)
+    assert (shown >= 1).all() and np.abs(shown - 24 * sizes / N).max() <= 1.0, (shown, sizes)
+    assert [s["size"] for s in data["structures"]] == DatasetReader(run_dir / "dataset.zarr").natoms[inp.rows[pos]].tolist()
+    np.testing.assert_allclose(data["properties"]["gcn_1 PC1"]["values"], lr.clustering.coords[pos, 0], rtol=1e-6)
+    assert data["properties"]["formula"]["values"] == [str(formulas[i]) for i in pos]
+
+
 def test_open_run_xarray(run_dir):
     pytest.importorskip("xarray")
     import zarr

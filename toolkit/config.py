@@ -317,8 +317,9 @@ class AnalyzeConfig(_Section):
     # --- issue 20: analyze on Dask (toolkit/analyze/engine.py, docs/dask.md) ---
     engine: Literal["local", "dask"] = Field(
         "local", description="local: one process (descriptors in `workers` processes); dask: descriptor blocks, "
-        "feature statistics and the micro-cluster assignment pass run as Dask tasks over the Zarr chunks "
-        "(needs `pip install spectrolens[dask]`)")
+        "the descriptor store, every layer's clustering (side by side; its feature statistics and micro-cluster "
+        "assignment as tasks over the Zarr chunks), the predicted spectral descriptors and the driver ranking of "
+        "each spectral feature run as Dask tasks (needs `pip install spectrolens[dask]`; docs/dask.md)")
     dask_cluster: Literal["auto", "local", "slurm"] = Field(
         "auto", description="engine=dask: where the Dask workers run: a LocalCluster on this machine, or SLURM jobs "
         "(dask-jobqueue SLURMCluster with executor.analyze's partition/account/time/cpus/memory); auto: slurm when "
@@ -335,6 +336,9 @@ class AnalyzeConfig(_Section):
         "auto", description="write analyze/chemiscope.json.gz (structures, 2-D map of each layer, clusters, "
         "descriptors, onsets) for chemiscope: true (needs `pip install chemiscope`), false, or auto: when the "
         "chemiscope package is installed")
+    chemiscope_max_materials: int = Field(50_000, ge=100, description="chemiscope.json.gz holds every analysed "
+                                          "material up to this many, above it a seeded sample per cluster (the "
+                                          "viewer's practical limit; the file's description says so)")
 
 
 class ExplainConfig(_Section):

@@ -254,6 +254,9 @@ def analyze_inputs(cfg, inp: Inputs) -> dict[str, Any]:
     names, aliases = attr.dedupe_categorical(inp.table)
     targets = prb.probe_targets(inp.table)
     onset = onset_of(inp.table)
+    # every layer's clustering that reads a Zarr array starts now as a Dask task (dask engine; the layers
+    # then cluster side by side on the workers while the driver ranks the drivers); local engine: None
+    started = _start_clusterings(cfg, inp, layer_names)
     drivers = None
     if cfg.analyze.drivers:
         from toolkit.analyze.drivers import rank_drivers
@@ -277,7 +280,9 @@ def analyze_inputs(cfg, inp: Inputs) -> dict[str, Any]:
     # --- end interactive maps ---
     for name in layer_names:
         x, mask = _features(name, cfg, inp.emb, inp.reference, inp.has_spec)
-        lr = analyze_layer(cfg, inp, name, x, mask, names, targets, signals)
+        pre = started.get(name)
+        lr = analyze_layer(cfg, inp, name, x, mask, names, targets, signals,
+                           clustering=pre.result() if pre is not None else None)
         if lr is None:
             continue
         results.append(lr)
@@ -302,6 +307,26 @@ def analyze_inputs(cfg, inp: Inputs) -> dict[str, Any]:
     log.info("analyze: done in %.1f s -> %s", time.time() - t0, out)
     log.info("%s", _summary(layout, results, chem))
     return result
+
+
+def _start_clusterings(cfg, inp: Inputs, layer_names: list[str]) -> dict[str, Any]:
+    """{layer: :class:`~toolkit.analyze.engine.Deferred` clustering} for the layers whose features the
+    Dask workers can read themselves (Zarr arrays; :func:`toolkit.analyze.engine.shippable`) when the
+    stage runs on the dask engine; empty under the local engine (each layer clusters in turn)."""
+    from toolkit.analyze.clustering import cluster
+    from toolkit.analyze.engine import Deferred, current_client, shippable
+    from toolkit.analyze.steps import cluster_kwargs
+
+    if current_client() is None:
+        return {}
+    out = {}
+    for name in layer_names:
+        x, mask = _features(name, cfg, inp.emb, inp.reference, inp.has_spec)
+        if shippable(x) and mask.sum() >= 3:
+            out[name] = Deferred(cluster, (x,), cluster_kwargs(cfg.analyze), chunk_tasks=True)
+    if out:
+        log.info("analyze: clustering %s as Dask tasks", ", ".join(out))
+    return out
 
 
 def _novelty(cfg, inp: Inputs, formulas, out: Path) -> dict[str, Any]:
@@ -427,8 +452,11 @@ def _chemiscope(cfg, inp: Inputs, results: list[LayerResult], formulas) -> Path 
         raise AnalyzeError("analyze.chemiscope is true but the chemiscope package is not installed: "
                            "pip install chemiscope (or set analyze.chemiscope=false)")
     t = time.time()
-    chemiscope_export.write(path, inp, results, formulas, title=f"spectrolens: {inp.run_dir.name}")
-    log.info("analyze: chemiscope dataset of %d materials in %.1f s", len(inp.ids), time.time() - t)
+    a = cfg.analyze
+    chemiscope_export.write(path, inp, results, formulas, title=f"spectrolens: {inp.run_dir.name}",
+                            max_materials=a.chemiscope_max_materials, seed=a.seed)
+    log.info("analyze: chemiscope dataset of %d of %d materials in %.1f s",
+             min(len(inp.ids), a.chemiscope_max_materials), len(inp.ids), time.time() - t)
     return path
 
 

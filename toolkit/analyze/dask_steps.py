@@ -125,16 +125,6 @@ def table_chunk_task(cdir: str, names: list[str], b0: int, b1: int) -> tuple[np.
             [np.array([col[k] for k in r["values"]], dtype=np.int32) for r in recs])
 
 
-def _default_client() -> Any:
-    """The Dask client the engine started (None outside it)."""
-    try:
-        from distributed import default_client
-
-        return default_client()
-    except (ImportError, ValueError):
-        return None
-
-
 def structural_table(cfg, run_dir: Path, reader, rows: np.ndarray, block: int | None = None):
     """The structural :class:`~toolkit.analyze.descriptors.DescriptorTable` of dataset rows ``rows``,
     equal to the local path's ``build_table`` of the cached records: the per-block cache (filled by
@@ -159,7 +149,9 @@ def structural_table(cfg, run_dir: Path, reader, rows: np.ndarray, block: int | 
     missing = [b for b0, b1 in calls for b in range(b0, b1) if not _block_file(cdir, b).exists()]
     if missing:
         raise AnalyzeError(f"{cdir}: descriptor cache blocks {missing[:5]} missing after the descriptor step; re-run analyze")
-    client = _default_client()
+    from toolkit.analyze.engine import current_client
+
+    client = current_client()
     vals = np.empty((m, len(names)))
     seen = np.zeros(len(names), dtype=bool)
     ids: list[str | None] = [None] * m

@@ -294,9 +294,11 @@ def rank_drivers(table: DescriptorTable, names: list[str], seed: int = 0, repeat
     usable = [j for j in range(x_all.shape[1]) if np.isfinite(x_all[:, j]).any() and np.nanstd(x_all[:, j]) > 0]
     names = [names[j] for j in usable]
     x_all = x_all[:, usable]
+    from toolkit.analyze.engine import Deferred
+
     out: dict[str, Any] = {}
     rng = np.random.default_rng(seed)
-    for f in feats:
+    for f in feats:  # each feature's ranking is a step of its own: a Dask task under the dask engine
         y = table.column(f)
         rows = np.flatnonzero(np.isfinite(y))
         if len(rows) < min_rows or not names or np.ptp(y[rows]) == 0:
@@ -310,7 +312,14 @@ def rank_drivers(table: DescriptorTable, names: list[str], seed: int = 0, repeat
         lo = np.where(fin, xs, np.inf).min(0)
         hi = np.where(fin, xs, -np.inf).max(0)
         cols = np.flatnonzero((fin.sum(0) >= 2) & (hi > lo))  # defined and not constant on these materials
-        out[f] = feature_drivers(xs[:, cols], y[rows], [names[j] for j in cols], seed=seed, repeats=repeats, **kw)
+        step = Deferred(feature_drivers, (np.ascontiguousarray(xs[:, cols]), y[rows], [names[j] for j in cols]),
+                        {"seed": seed, "repeats": repeats, **kw})
+        out[f] = step if step.remote else step.result()  # local engine: one feature's sample at a time
+    for f in feats:
+        if isinstance(out[f], Deferred):
+            out[f] = out[f].result()
+        if out[f]["model"] is None:
+            continue
         top = out[f]["descriptors"][:3]
         log.info("analyze: drivers of %s: %s (R^2 %.2f)", f, ", ".join(r["descriptor"] for r in top),
                  out[f]["model"]["r2_holdout"])

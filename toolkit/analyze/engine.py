@@ -11,6 +11,11 @@ processes (today's path). ``dask``: the same steps, with the chunk-parallel part
   feature array, routed through the :func:`toolkit.analyze.clustering.map_chunks` hook by
   :class:`DaskChunkMap`. Results are reduced in chunk order in the driver, so both engines give the
   same numbers (and the same clusters) for the same data.
+* whole steps that read only shippable inputs (:class:`Deferred`): each layer's clustering (its
+  features are a Zarr array of embeddings.zarr) and the driver ranking of each spectral feature
+  (a sample of at most ``FIT_MAX`` rows) start as Dask tasks at the beginning of the stage and run
+  on the workers side by side, while the driver works on what it has; the driver collects them in
+  order. Under ``local`` the same calls run in this process when their result is first needed.
 
 Where the Dask workers run (``analyze.dask_cluster``; ``auto`` follows ``executor.kind``):
 
@@ -32,6 +37,7 @@ import sys
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +47,8 @@ from toolkit.layout import RunLayout
 log = logging.getLogger(__name__)
 
 WORKER_START_TIMEOUT = 600  # seconds to wait for the first Dask worker (SLURM: queueing time included)
+SCATTER_BYTES = 1 << 20  # numpy arguments of a Deferred task larger than this are scattered, not put in the graph
+_CLIENT: ContextVar[Any] = ContextVar("spectrolens_analyze_client", default=None)
 
 
 class EngineError(SpectrolensError, RuntimeError):
@@ -148,17 +156,21 @@ def _call(fn: Callable, x: Any, a: int, b: int) -> Any:
 
 
 def shippable(x: Any) -> bool:
-    """Whether ``x`` is read by the workers themselves (a Zarr array on a shared file system): other
-    array-likes (numpy in the driver's memory) are processed in the driver, not copied to workers."""
+    """Whether ``x`` is read by the workers themselves: a Zarr array on a shared file system, or a lazy
+    :class:`toolkit.analyze.lazy.Spectra` view of one. Other array-likes (numpy in the driver's memory,
+    views of the dataset reader's parts) are processed in the driver, not copied to workers."""
     import zarr
 
-    return isinstance(x, zarr.Array)
+    from toolkit.analyze.lazy import Spectra
+
+    return isinstance(x, zarr.Array) or (isinstance(x, Spectra) and isinstance(x.source, zarr.Array))
 
 
 class DaskChunkMap:
     """A mapper for :func:`toolkit.analyze.clustering.use_chunk_map`: one Dask task per row range of a
     Zarr array, at most ``window`` in flight, results yielded in range order (released as read, so the
-    results waiting in worker memory are bounded by the window)."""
+    results waiting in worker memory are bounded by the window). Chunk tasks (seconds each) go before
+    queued whole steps (a layer's clustering waits for its chunks; a feature's driver ranking does not)."""
 
     def __init__(self, client: Any, window: int | None = None):
         self.client = client
@@ -175,7 +187,7 @@ class DaskChunkMap:
         it = iter(ranges)
         try:
             for a, b in it:
-                pending.append(self.client.submit(_call, fn_f, x_f, a, b, pure=False))
+                pending.append(self.client.submit(_call, fn_f, x_f, a, b, pure=False, priority=1))
                 self.tasks += 1
                 if len(pending) >= self.window:
                     f = pending.popleft()
@@ -188,6 +200,72 @@ class DaskChunkMap:
         finally:
             for f in pending:
                 f.cancel()
+
+
+def current_client() -> Any:
+    """The Dask client of the running :func:`engine` block (None under the local engine or outside it)."""
+    return _CLIENT.get()
+
+
+def _in_task(fn: Callable, args: tuple, kwargs: dict, rows: int, chunk_tasks: bool) -> tuple[Any, int]:
+    """Run ``fn`` on a worker with the stage's chunk size and one BLAS thread; with ``chunk_tasks`` its
+    chunked passes (:func:`toolkit.analyze.clustering.map_chunks`) become Dask tasks of their own (the
+    task leaves the worker's thread pool while it waits for them). Returns (value, chunk tasks run)."""
+    from threadpoolctl import threadpool_limits
+
+    from toolkit.analyze.clustering import use_chunk_map
+
+    with threadpool_limits(1):
+        if not chunk_tasks:
+            with use_chunk_map(None, rows):
+                return fn(*args, **kwargs), 0
+        from distributed import get_client, rejoin, secede
+
+        mapper = DaskChunkMap(get_client())
+        secede()
+        try:
+            with use_chunk_map(mapper, rows):
+                return fn(*args, **kwargs), mapper.tasks
+        finally:
+            rejoin()
+
+
+class Deferred:
+    """``fn(*args, **kwargs)`` as a step of the stage: under the dask engine a task submitted at once
+    (numpy arguments over ``SCATTER_BYTES`` scattered to the workers first; with ``chunk_tasks`` its
+    chunked passes run as tasks of their own on all workers), under the local engine a call made in
+    this process when :meth:`result` is first asked. Either way :meth:`result` returns the same value;
+    ``fn`` and its arguments must be picklable for the dask engine (module-level functions, numpy
+    arrays, Zarr arrays)."""
+
+    def __init__(self, fn: Callable, args: tuple = (), kwargs: dict | None = None, chunk_tasks: bool = False):
+        import numpy as np
+
+        from toolkit.analyze.clustering import chunk_rows
+
+        kwargs = kwargs or {}
+        self._name = getattr(fn, "__name__", repr(fn))
+        self._call: tuple | None = (fn, args, kwargs)
+        self._future: Any = None
+        self._value: Any = None
+        client = current_client()
+        self.remote = client is not None  # whether the step runs as a Dask task
+        if client is not None:
+            def ship(v: Any) -> Any:
+                return client.scatter(v, hash=False) if isinstance(v, np.ndarray) and v.nbytes > SCATTER_BYTES else v
+
+            self._future = client.submit(_in_task, fn, tuple(ship(a) for a in args),
+                                         {k: ship(v) for k, v in kwargs.items()}, chunk_rows(), chunk_tasks, pure=False)
+            self._call = None
+
+    def result(self) -> Any:
+        if self._future is not None:
+            (self._value, tasks), self._future = self._future.result(), self._future.release()
+            log.info("analyze: step %s ran as a Dask task (%d chunk tasks)", self._name, tasks)
+        elif self._call is not None:
+            fn, args, kwargs = self._call
+            self._value, self._call = fn(*args, **kwargs), None
+        return self._value
 
 
 @contextmanager
@@ -207,6 +285,10 @@ def engine(cfg, run_dir: Path) -> Iterator[Any]:
     with dask_client(cfg, run_dir) as client:
         dask_steps.descriptors(client, cfg, run_dir)
         mapper = DaskChunkMap(client)
-        with use_chunk_map(mapper, cfg.analyze.chunk_rows):
-            yield client
+        token = _CLIENT.set(client)
+        try:
+            with use_chunk_map(mapper, cfg.analyze.chunk_rows):
+                yield client
+        finally:
+            _CLIENT.reset(token)
         log.info("analyze: %d chunk tasks ran on Dask", mapper.tasks)

@@ -81,13 +81,23 @@ def onset_of(table: DescriptorTable) -> np.ndarray:
     return table.column(name) if name is not None else np.full(len(table.ids), np.nan)
 
 
+def cluster_kwargs(a) -> dict[str, Any]:
+    """Keyword arguments of :func:`toolkit.analyze.clustering.cluster` from ``cfg.analyze``."""
+    return {"n_clusters": a.n_clusters, "max_clusters": a.max_clusters, "standardize": a.standardize,
+            "pca_components": a.pca_components, "scalable_threshold": a.scalable_threshold,
+            "n_micro": a.micro_clusters, "seed": a.seed, "threads": a.workers,
+            "target_cluster_size": a.target_cluster_size, "projection": a.map_projection}
+
+
 def analyze_layer(cfg, inp: Inputs, name: str, x: Any, mask: np.ndarray, names: list[str],
-                  targets: list[str], signals: Any = None) -> LayerResult | None:
+                  targets: list[str], signals: Any = None, clustering: Any = None) -> LayerResult | None:
     """Cluster features ``x`` (rows = population rows where ``mask``; numpy or zarr array), attribute
     the clusters to the descriptors ``names``, probe ``targets``. ``signals``: a
     :class:`toolkit.analyze.signals.SignalIndex` that condenses every cluster's ranking and every
-    split's descriptors to one entry per signal (None: rankings as tested). None (with a warning)
-    when fewer than 3 materials are covered."""
+    split's descriptors to one entry per signal (None: rankings as tested). ``clustering``: the
+    :class:`~toolkit.analyze.clustering.ClusterResult` of ``x`` already computed (a Dask task started
+    by the stage, :class:`toolkit.analyze.engine.Deferred`), or None to cluster here. None (with a
+    warning) when fewer than 3 materials are covered."""
     from toolkit.analyze import attribution as attr
     from toolkit.analyze import probes as prb
     from toolkit.analyze.clustering import cluster
@@ -98,10 +108,7 @@ def analyze_layer(cfg, inp: Inputs, name: str, x: Any, mask: np.ndarray, names: 
     if mask.sum() < 3:
         log.warning("analyze: %s covers %d materials; skipped", name, int(mask.sum()))
         return None
-    res = cluster(x, n_clusters=a.n_clusters, max_clusters=a.max_clusters, standardize=a.standardize,
-                  pca_components=a.pca_components, scalable_threshold=a.scalable_threshold,
-                  n_micro=a.micro_clusters, seed=a.seed, threads=a.workers,
-                  target_cluster_size=a.target_cluster_size, projection=a.map_projection)
+    res = clustering if clustering is not None else cluster(x, **cluster_kwargs(a))
     labels = np.full(len(inp.ids), -1, dtype=np.int32)
     labels[mask] = res.labels
     table, ids = inp.table, inp.ids
