@@ -213,7 +213,8 @@ def upstream_worker(spec_path: Path) -> int:
 
 
 OP_GROUPS = (  # torch.profiler op name -> part of the model step (self CPU time)
-    ("fused gate kernel (spectrolens::gate_forward/backward)", ("spectrolens::",)),
+    ("fused gate kernel (spectrolens::gate_forward/backward)", ("spectrolens::gate",)),
+    ("fused LayerNorm-SiLU-residual kernel (spectrolens::ln_silu_forward/backward)", ("spectrolens::ln_silu",)),
     ("matrix products (mm, addmm, bmm, linear)", ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul",
                                                   "aten::linear")),
     ("gathers / scatters (index_select, index_add_, gather, scatter, embedding)",

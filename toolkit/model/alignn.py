@@ -14,7 +14,9 @@ upstream one, so upstream checkpoints load with ``strict=True``::
 
 Message passing is :func:`toolkit.model.kernels.gate_aggregate`: a fused C++ kernel on CPU
 (float32/float64), else ``index_select`` gathers and ``index_add_`` sums (fp32 accumulation under
-autocast). Inside ``torch.compile`` the torch-op path runs; it has no data-dependent Python control
+autocast); the LayerNorm -> SiLU -> residual updates are :func:`toolkit.model.kernels.layer_norm_silu`
+(also a fused CPU kernel, else torch ops; the ``bn_nodes`` / ``bn_edges`` LayerNorm modules hold
+the parameters either way). Inside ``torch.compile`` the torch-op path runs; it has no data-dependent Python control
 flow, so the model traces without graph breaks.
 
 Units: bond lengths in Å (``GraphBatch.edge_vec``), bond-angle cosines dimensionless.
@@ -32,7 +34,7 @@ from torch.nn import functional as F
 
 from toolkit.data.batch import GraphBatch
 from toolkit.data.graphs import CGCNN_DIM, bond_cosines, cgcnn_table
-from toolkit.model.kernels import TorchGraph, gate_aggregate, segment_sum, torch_graph
+from toolkit.model.kernels import TorchGraph, gate_aggregate, layer_norm_silu, segment_sum, torch_graph
 
 # Graph handles passed to the layers. Torch backend: a TorchGraph (kernels.py) of one graph
 # (atom graph or line graph); the DGL backend passes a DGLGraph instead (dgl_backend.py).
@@ -59,14 +61,15 @@ class RBFExpansion(nn.Module):
 
 
 class MLPLayer(nn.Module):
-    """Linear -> LayerNorm -> SiLU (upstream ``alignn.models.utils.MLPLayer``)."""
+    """Linear -> LayerNorm -> SiLU (upstream ``alignn.models.utils.MLPLayer``; the LayerNorm and SiLU
+    run as :func:`~toolkit.model.kernels.layer_norm_silu`)."""
 
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__()
         self.layer = nn.Sequential(nn.Linear(in_features, out_features), nn.LayerNorm(out_features), nn.SiLU())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer(x)
+        return layer_norm_silu(self.layer[1], self.layer[0](x))
 
 
 class EdgeGatedGraphConv(nn.Module):
@@ -105,11 +108,11 @@ class EdgeGatedGraphConv(nn.Module):
 
     def finish(self, x: torch.Tensor, y: torch.Tensor, ux: torch.Tensor, h: torch.Tensor,
                m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Node and edge updates with LayerNorm, SiLU and the residual connection."""
-        x_new = F.silu(self.bn_nodes(ux + h))
-        y_new = F.silu(self.bn_edges(m))
-        if self.residual:  # in place: SiLU's backward needs its input, not its output
-            return x_new.add_(x), y_new.add_(y)
+        """Node and edge updates with LayerNorm, SiLU and the residual connection:
+        ``x + SiLU(bn_nodes(ux + h))``, ``y + SiLU(bn_edges(m))`` (kernels.layer_norm_silu: one fused
+        CPU kernel for the add, LayerNorm, SiLU and residual add; torch ops elsewhere)."""
+        x_new = layer_norm_silu(self.bn_nodes, ux, h, x if self.residual else None)
+        y_new = layer_norm_silu(self.bn_edges, m, None, y if self.residual else None)
         return x_new, y_new
 
     def forward(self, g: TorchGraph, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,7 +13,8 @@
 // makes two passes: by destination (CSR in_ptr) for grad m / grad ed, and by source (edge order
 // out_perm, CSR out_ptr) for grad es / grad bh, so every output row has exactly one writer: no
 // atomics, no per-thread buffers, and sums in a fixed order whatever the thread count.
-// Registered as torch.ops.spectrolens.gate_forward / gate_backward (toolkit/model/kernels.py).
+// Registered as torch.ops.spectrolens.gate_forward / gate_backward (toolkit/model/kernels.py); exp,
+// sigmoid and the ISA dispatch (SL_CLONES) are in common.h.
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -21,41 +22,16 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
-#include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <vector>
+
+#include "common.h"
 
 namespace {
 
+using spectrolens::sigmoid;
+
 constexpr double kEps = 1e-6;  // upstream's value, added to the gate sum
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define SL_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define SL_CLONES
-#endif
-
-// exp on float with arithmetic only (Cephes polynomial, ~1 ulp), so the loops that call it vectorise.
-inline float exp_f(float x) {
-  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
-  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
-}
-
-inline float sigmoid(float x) { return 1.0f / (1.0f + exp_f(-x)); }
-inline double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
 
 // ---- row kernels: one edge row of F features ------------------------------------------------
 
@@ -122,18 +98,11 @@ inline void bwd_src_row_v(const double* gmm, const double* m, const double* gn, 
 // ---- checks ---------------------------------------------------------------------------------
 
 void check_rows(const at::Tensor& t, const char* name, int64_t rows, int64_t F, at::ScalarType dtype) {
-  TORCH_CHECK(t.device().is_cpu(), "gate kernel: ", name, " must be on the CPU");
-  TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == F, "gate kernel: ", name, " must be (",
-              rows, ", ", F, "), got ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == dtype, "gate kernel: ", name, " has dtype ", t.scalar_type(), ", expected ",
-              dtype);
-  TORCH_CHECK(t.stride(1) == 1, "gate kernel: ", name, " rows must be contiguous");
+  spectrolens::check_rows(t, "gate kernel", name, rows, F, dtype);
 }
 
 void check_index(const at::Tensor& t, const char* name, int64_t n) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kLong && t.dim() == 1 && t.size(0) == n &&
-                  t.is_contiguous(),
-              "gate kernel: ", name, " must be a contiguous int64 CPU vector of length ", n);
+  spectrolens::check_vector(t, "gate kernel", name, n, at::kLong);
 }
 
 constexpr int64_t kGrain = 16;  // destination / source rows per task
