@@ -279,3 +279,5 @@ def test_descriptor_csv_is_the_per_value_csv_written_in_chunks(tmp_path):
         back = list(csv.reader(f))
     assert [r[0] for r in back[1:]] == ids and back[2][2] == "" and back[5][5] == "1e-300"
     assert list(csv.reader(open(tmp_path / "f.csv")))[1] == ["m1", "b:c", "failed"]
+    DescriptorTable(ids[:2], [], np.zeros((2, 0)), []).write(tmp_path / "e.csv", tmp_path / "g.csv")
+    assert (tmp_path / "e.csv").read_text().split() == ["id", "m0", "m1"]

@@ -75,6 +75,8 @@ def test_dask_local_cluster_matches_single_process(embedded, caplog):
     assert [m[2] for m in steps].count("feature_drivers") == sum(1 for d in res_local["drivers"].values()
                                                                   if d["model"]), steps
     assert res_local["drivers"] == res_dask["drivers"]
+    # descriptors.csv formatted in chunks as Dask tasks: the same bytes as in one process
+    assert (dask_run / "analyze" / "descriptors.csv").read_bytes() == (local_run / "analyze" / "descriptors.csv").read_bytes()
 
     a, b = _clusters(local_run), _clusters(dask_run)
     assert set(a) == set(b) == {"readout", "spectrum_predicted"}

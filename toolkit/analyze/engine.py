@@ -172,11 +172,26 @@ class DaskChunkMap:
     results waiting in worker memory are bounded by the window). Chunk tasks (seconds each) go before
     queued whole steps (a layer's clustering waits for its chunks; a feature's driver ranking does not)."""
 
-    def __init__(self, client: Any, window: int | None = None):
+    def __init__(self, client: Any, window: int | None = None, in_task: bool = False):
         self.client = client
         n = max(1, len(client.scheduler_info()["workers"]))
         self.window = window or 2 * n + 2
         self.tasks = 0
+        self.in_task = in_task  # used from inside a Dask task: leave the worker's pool only while waiting
+
+    def _result(self, f: Any) -> Any:
+        """``f``'s result; from inside a task the task gives its thread slot up while it waits (its chunks
+        can run on its own worker too) and takes one back before it computes again, so a worker never
+        runs more busy threads than its slots (no deadlock: chunk tasks wait for nothing)."""
+        if not self.in_task:
+            return f.result()
+        from distributed import rejoin, secede
+
+        secede()
+        try:
+            return f.result()
+        finally:
+            rejoin()
 
     def __call__(self, fn: Callable, x: Any, ranges: list[tuple[int, int]]) -> Iterator[Any]:
         if not shippable(x) or len(ranges) < 2:
@@ -191,11 +206,11 @@ class DaskChunkMap:
                 self.tasks += 1
                 if len(pending) >= self.window:
                     f = pending.popleft()
-                    yield f.result()
+                    yield self._result(f)
                     f.release()
             while pending:
                 f = pending.popleft()
-                yield f.result()
+                yield self._result(f)
                 f.release()
         finally:
             for f in pending:
@@ -210,7 +225,7 @@ def current_client() -> Any:
 def _in_task(fn: Callable, args: tuple, kwargs: dict, rows: int, chunk_tasks: bool) -> tuple[Any, int]:
     """Run ``fn`` on a worker with the stage's chunk size and one BLAS thread; with ``chunk_tasks`` its
     chunked passes (:func:`toolkit.analyze.clustering.map_chunks`) become Dask tasks of their own (the
-    task leaves the worker's thread pool while it waits for them). Returns (value, chunk tasks run)."""
+    task leaves the worker's thread pool only while it waits for them). Returns (value, chunk tasks run)."""
     from threadpoolctl import threadpool_limits
 
     from toolkit.analyze.clustering import use_chunk_map
@@ -219,32 +234,31 @@ def _in_task(fn: Callable, args: tuple, kwargs: dict, rows: int, chunk_tasks: bo
         if not chunk_tasks:
             with use_chunk_map(None, rows):
                 return fn(*args, **kwargs), 0
-        from distributed import get_client, rejoin, secede
+        from distributed import get_client
 
-        mapper = DaskChunkMap(get_client())
-        secede()
-        try:
-            with use_chunk_map(mapper, rows):
-                return fn(*args, **kwargs), mapper.tasks
-        finally:
-            rejoin()
+        mapper = DaskChunkMap(get_client(), in_task=True)
+        with use_chunk_map(mapper, rows):
+            return fn(*args, **kwargs), mapper.tasks
 
 
 class Deferred:
     """``fn(*args, **kwargs)`` as a step of the stage: under the dask engine a task submitted at once
     (numpy arguments over ``SCATTER_BYTES`` scattered to the workers first; with ``chunk_tasks`` its
-    chunked passes run as tasks of their own on all workers), under the local engine a call made in
+    chunked passes run as tasks of their own on all workers; ``quiet``: its completion is logged at
+    DEBUG, for many small steps), under the local engine a call made in
     this process when :meth:`result` is first asked. Either way :meth:`result` returns the same value;
     ``fn`` and its arguments must be picklable for the dask engine (module-level functions, numpy
     arrays, Zarr arrays)."""
 
-    def __init__(self, fn: Callable, args: tuple = (), kwargs: dict | None = None, chunk_tasks: bool = False):
+    def __init__(self, fn: Callable, args: tuple = (), kwargs: dict | None = None, chunk_tasks: bool = False,
+                 quiet: bool = False):
         import numpy as np
 
         from toolkit.analyze.clustering import chunk_rows
 
         kwargs = kwargs or {}
         self._name = getattr(fn, "__name__", repr(fn))
+        self._quiet = quiet  # many small steps (chunks of a file): logged at DEBUG
         self._call: tuple | None = (fn, args, kwargs)
         self._future: Any = None
         self._value: Any = None
@@ -261,7 +275,8 @@ class Deferred:
     def result(self) -> Any:
         if self._future is not None:
             (self._value, tasks), self._future = self._future.result(), self._future.release()
-            log.info("analyze: step %s ran as a Dask task (%d chunk tasks)", self._name, tasks)
+            log.log(logging.DEBUG if self._quiet else logging.INFO, "analyze: step %s ran as a Dask task (%d chunk tasks)",
+                    self._name, tasks)
         elif self._call is not None:
             fn, args, kwargs = self._call
             self._value, self._call = fn(*args, **kwargs), None
