@@ -71,6 +71,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import logging
 import os
@@ -177,20 +178,22 @@ class DescriptorTable:
         from collections import deque
 
         from toolkit.analyze.engine import Deferred
+        from toolkit.runtime import atomic_write
 
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        pending: deque = deque()
-        with open(tmp, "w", newline="") as f:
-            csv.writer(f).writerow(["id", *self.names])
+        def write(fh) -> None:
+            head = io.StringIO()
+            csv.writer(head).writerow(["id", *self.names])
+            fh.write(head.getvalue().encode())
+            pending: deque = deque()
             for a in range(0, len(self.ids), chunk):
                 pending.append(Deferred(csv_rows, (self.ids[a:a + chunk], np.asarray(self.values[a:a + chunk])),
                                         quiet=True))
                 if len(pending) >= window:
-                    f.write(pending.popleft().result())
+                    fh.write(pending.popleft().result().encode())
             while pending:
-                f.write(pending.popleft().result())
-        os.replace(tmp, path)
+                fh.write(pending.popleft().result().encode())
+
+        atomic_write(path, write)  # a unique temporary file per writer
         _write_csv(failures_path, ["id", "descriptor", "reason"], self.failures)
 
 
@@ -216,13 +219,13 @@ def _no_nonfinite(line: str) -> str:
 
 
 def _write_csv(path: Path, header: list[str], rows: Iterable[Iterable[Any]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
-    os.replace(tmp, path)
+    from toolkit.runtime import write_text
+
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(header)
+    w.writerows(rows)
+    write_text(path, buf.getvalue())  # atomic, a unique temporary file per writer
 
 
 # ---------------------------------------------------------------- one material
